@@ -1,0 +1,151 @@
+"""Loading teachers (hub id, local directory or an embedded tiny model) and saving/loading hybrids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, PreTrainedConfig
+
+from hybridize.converters.hybrid_model import (
+    AUTO_CLASSES,
+    HYBRID_PREFIX,
+    PLAN_KEY,
+    layer_plan,
+    register_hybrid_family,
+)
+
+# Short names for the official checkpoints of the supported families.
+SHORT_NAMES = {
+    "Qwen2.5-VL-3B": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "Qwen2.5-VL-7B": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "Qwen2.5-VL-32B": "Qwen/Qwen2.5-VL-32B-Instruct",
+    "Qwen2.5-VL-72B": "Qwen/Qwen2.5-VL-72B-Instruct",
+}
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def embedded_models() -> dict:
+    """Tiny models built from a config in code: the README's offline default and the tests' teachers."""
+    from hybridize.presets import tiny_qwen2_5_vl
+
+    return {"tiny-qwen2.5-vl": tiny_qwen2_5_vl}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def resolve_base(base: str) -> str:
+    """Short name -> hub id; local paths and hub ids pass through. Checks what can be checked offline."""
+    if base in embedded_models():
+        return base
+    base = SHORT_NAMES.get(base, base)
+    path = Path(base).expanduser()
+    looks_local = path.exists() or base.startswith((".", "/", "~")) or base.count("/") != 1
+    if looks_local:
+        if not path.is_dir():
+            known = ", ".join([*SHORT_NAMES, *embedded_models()])
+            raise FileNotFoundError(
+                f"Base model {base!r} is not a directory, a hub id (org/name) or a known name ({known})."
+            )
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{base!r} is not a transformers model directory: it has no config.json.")
+    return base
+
+
+def check_supported(config: PreTrainedConfig, base: str) -> None:
+    model_type = config.model_type.removeprefix(HYBRID_PREFIX)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{base!r} is a {config.model_type!r} model; hybridize converts {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+
+
+def auto_model_class(config: PreTrainedConfig):
+    """The Auto class that builds the generation model (ForConditionalGeneration / ForCausalLM) of `config`."""
+    for auto_class in AUTO_CLASSES:
+        if type(config) in auto_class._model_mapping:
+            return auto_class
+    raise ValueError(f"No image-text-to-text or causal-LM model class is registered for {config.model_type!r}.")
+
+
+def load_base_model(base: str, *, dtype: str | torch.dtype | None = None, device: str | None = None):
+    """Load a teacher (and its processor, when it has one): an embedded name, a local directory or a hub id."""
+    dtype = parse_dtype(dtype)
+    embedded = embedded_models()
+    if base in embedded:
+        model, processor = embedded[base]()
+        return model.to(device=device or "cpu", dtype=dtype or model.dtype), processor
+    source = resolve_base(base)
+    config = AutoConfig.from_pretrained(source)
+    check_supported(config, base)
+    model = auto_model_class(config).from_pretrained(source, dtype=dtype or "auto", device_map=device)
+    return model.eval(), load_processor(source)
+
+
+def load_processor(source: str | Path):
+    """The processor saved with a model (VLMs), else its tokenizer, else None."""
+    for loader in (AutoProcessor, AutoTokenizer):
+        try:
+            return loader.from_pretrained(source)
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return None
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Refuse a non-empty output directory up front, before any model is loaded or file written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {str(out)!r} exists and is a file; give a directory path.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {str(out)!r} exists and is not empty; pick a new directory or pass --overwrite.")
+    return out
+
+
+def save_hybrid(model, out: str | Path, processor=None, *, overwrite: bool = False) -> Path:
+    """Write a hybrid checkpoint (safetensors + config with the plan, and the processor) to `out`."""
+    layer_plan(model.config)
+    out = check_output_dir(out, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if processor is not None:
+        processor.save_pretrained(out)
+    return out
+
+
+def read_plan(path: str | Path) -> dict:
+    """The `hybridize` section of a saved hybrid's config.json, without loading any weights."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no config.json; is it a hybridize checkpoint directory?")
+    data = json.loads(config_file.read_text())
+    if PLAN_KEY not in data:
+        raise ValueError(f"{str(path)!r} is not a hybridize checkpoint: its config.json has no `{PLAN_KEY}` section.")
+    return data
+
+
+def load(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    attn_implementation: str | None = None,
+):
+    """Load a hybrid checkpoint saved by `hybridize convert` or `save_hybrid`."""
+    model_type = read_plan(path).get("model_type", "")
+    if not model_type.startswith(HYBRID_PREFIX):
+        raise ValueError(f"{str(path)!r} has model_type {model_type!r}, not a hybrid ('{HYBRID_PREFIX}...').")
+    auto_class = register_hybrid_family(model_type.removeprefix(HYBRID_PREFIX))
+    kwargs = {"dtype": parse_dtype(dtype) or "auto", "device_map": device}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    return auto_class.from_pretrained(path, **kwargs).eval()

@@ -1,0 +1,86 @@
+"""Recurrent and convolution state of a mixer, kept in its layer's slot of the transformers cache.
+
+`generate()` builds a `DynamicCache` with one slot per decoder layer. A mixer swaps its slot for a
+`MixerCacheLayer` the first time it runs with a cache. The slot subclasses `DynamicLayer` (a regular
+attention slot to transformers) so that `get_seq_length()` and the mask sizes keep working whichever
+layers are linear, including a model with no attention layer left; its tensors are the mixer's states
+instead of keys and values. (Marking the layer type "linear_attention" in the config instead breaks the
+Qwen2-family mask lookup, and transformers' own linear-attention slots cannot report a sequence length.)
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+
+class MixerCacheLayer(DynamicLayer):
+    """One layer's mixer states (name -> tensor, batch first) and the number of tokens they have seen."""
+
+    is_croppable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.states: dict[str, torch.Tensor] = {}
+        self.seen_tokens = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        raise RuntimeError(
+            "A MixerCacheLayer holds a token mixer's recurrent state, not keys and values; an attention module "
+            "was given a linear mixer's cache slot (check that the layer plan matches the model)."
+        )
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def advance(self, num_tokens: int) -> None:
+        self.seen_tokens += num_tokens
+
+    def reset(self) -> None:
+        for state in self.states.values():
+            state.zero_()
+        self.seen_tokens = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError("A recurrent mixer state cannot be cropped back to an earlier token.")
+
+    def _map_states(self, fn) -> None:
+        self.states = {name: fn(state) for name, state in self.states.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_states(lambda s: s.index_select(0, beam_idx.to(s.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_states(lambda s: s.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_states(lambda s: s[indices])
+
+    def offload(self) -> None:
+        self._map_states(lambda s: s.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.states:
+            device = next(iter(self.states.values())).device
+            if device != getattr(self, "device", device):
+                self._map_states(lambda s: s.to(self.device, non_blocking=True))
+
+
+def mixer_cache_layer(past_key_values, layer_idx: int) -> MixerCacheLayer | None:
+    """This layer's mixer slot in `past_key_values`, swapped in on first use; None without a cache."""
+    if past_key_values is None:
+        return None
+    layers = past_key_values.layers
+    while len(layers) <= layer_idx:  # caches built without a config grow their slots lazily
+        layers.append(past_key_values.layer_class_to_replicate())
+    if not isinstance(layers[layer_idx], MixerCacheLayer):
+        if layers[layer_idx].get_seq_length() > 0:
+            raise RuntimeError(
+                f"Cache slot {layer_idx} already holds attention keys/values but layer {layer_idx} is a linear "
+                "mixer: the cache was filled by a model with a different layer plan."
+            )
+        layers[layer_idx] = MixerCacheLayer()
+    return layers[layer_idx]

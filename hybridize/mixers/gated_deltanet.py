@@ -1,0 +1,228 @@
+"""Gated DeltaNet (Yang et al., 2025) as InfiniteVL uses it in place of softmax attention.
+
+q, k, v go through a short causal depthwise convolution (SiLU); q and k are L2-normalised;
+beta = sigmoid(b_proj x); the log decay g = -exp(A_log) * softplus(a_proj x + dt_bias); the output is
+gated (RMSNorm(o) * silu(g_proj x)) before o_proj. No positional encoding. Parameter names follow fla's
+`GatedDeltaNet` layer so checkpoints line up with fla-based code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridize.mixers.base import INIT_POLICIES, AttentionSpec, MixerConfig, TokenMixer
+from hybridize.mixers.cache import mixer_cache_layer
+from hybridize.mixers.masks import key_padding_mask
+from hybridize.mixers.ops.backends import BACKENDS
+from hybridize.mixers.ops.gated_delta_rule import gated_delta_rule
+from hybridize.mixers.registry import register_mixer
+
+
+@dataclass
+class GatedDeltaNetConfig(MixerConfig):
+    """Sizes default to the teacher's: heads = its query heads, head_k_dim = its head_dim, expand_v 2.
+
+    On Qwen2.5-VL-3B that is InfiniteVL's layer: 16 heads, head_k_dim 128, head_v_dim 256.
+    """
+
+    num_heads: int | None = None
+    head_k_dim: int | None = None
+    expand_v: float = 2.0
+    conv_size: int = 4
+    norm_eps: float | None = None
+    init: str = "mimic"  # "mimic" (InfiniteVL: no teacher weights) or "attention_transfer"
+    dt_init: float = 1e-3  # decay step of the mimic/attention_transfer init: alpha = exp(-dt) ~ 0.999
+    backend: str = "auto"  # "auto", "torch" or "fla"
+
+    def resolve(self, spec: AttentionSpec) -> GatedDeltaNetConfig:
+        resolved = GatedDeltaNetConfig(**{
+            **self.to_dict(),
+            "num_heads": self.num_heads or spec.num_heads,
+            "head_k_dim": self.head_k_dim or spec.head_dim,
+            "norm_eps": self.norm_eps if self.norm_eps is not None else spec.rms_norm_eps,
+        })
+        if resolved.init not in INIT_POLICIES:
+            raise ValueError(f"init={resolved.init!r} is not one of {INIT_POLICIES}.")
+        if resolved.backend not in BACKENDS:
+            raise ValueError(f"backend={resolved.backend!r} is not one of {BACKENDS}.")
+        if resolved.conv_size < 1 or resolved.num_heads < 1 or resolved.head_k_dim < 1:
+            raise ValueError(f"Gated DeltaNet sizes must be positive, got {resolved}.")
+        if not float(resolved.head_k_dim * resolved.expand_v).is_integer() or resolved.expand_v <= 0:
+            raise ValueError(
+                f"expand_v={resolved.expand_v} times head_k_dim={resolved.head_k_dim} must be a positive integer."
+            )
+        return resolved
+
+    @property
+    def head_v_dim(self) -> int:
+        return int(self.head_k_dim * self.expand_v)
+
+
+class ShortConvolution(nn.Conv1d):
+    """Causal depthwise convolution over time, followed by SiLU. Weight (channels, 1, kernel) as in fla."""
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__(channels, channels, kernel_size, groups=channels, bias=False)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D); state (B, D, kernel-1), the inputs before x. Returns silu(conv(x)) and the new state."""
+        x = x.transpose(1, 2)  # (B, D, T)
+        if state is None:
+            state = x.new_zeros(x.shape[0], x.shape[1], self.kernel_size[0] - 1)
+        window = torch.cat([state.to(x.dtype), x], dim=-1)
+        out = F.conv1d(window, self.weight, groups=self.groups)
+        return F.silu(out).transpose(1, 2), window[..., window.shape[-1] - state.shape[-1] :]
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over each head's value dimension, times silu(gate) (fla's FusedRMSNormGated, swish)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x * F.silu(gate.float())).to(dtype)
+
+
+@register_mixer("gated_deltanet")
+class GatedDeltaNetMixer(TokenMixer):
+    config_class = GatedDeltaNetConfig
+
+    def __init__(self, config: GatedDeltaNetConfig, spec: AttentionSpec, layer_idx: int, attention=None):
+        super().__init__(config, spec, layer_idx)
+        hidden, heads = spec.hidden_size, config.num_heads
+        self.num_heads, self.head_k_dim, self.head_v_dim = heads, config.head_k_dim, config.head_v_dim
+        key_dim, value_dim = heads * self.head_k_dim, heads * self.head_v_dim
+        self.q_proj = nn.Linear(hidden, key_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, key_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, value_dim, bias=False)
+        self.a_proj = nn.Linear(hidden, heads, bias=False)
+        self.b_proj = nn.Linear(hidden, heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(heads))
+        self.dt_bias = nn.Parameter(torch.empty(heads))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+        self.q_conv1d = ShortConvolution(key_dim, config.conv_size)
+        self.k_conv1d = ShortConvolution(key_dim, config.conv_size)
+        self.v_conv1d = ShortConvolution(value_dim, config.conv_size)
+        self.g_proj = nn.Linear(hidden, value_dim, bias=False)
+        self.o_norm = GatedRMSNorm(self.head_v_dim, config.norm_eps)
+        self.o_proj = nn.Linear(value_dim, hidden, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """fla's initialisation: A ~ U(0, 16), dt log-uniform in [1e-3, 0.1], default Linear/Conv init."""
+        for module in (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj, self.o_proj):
+            module.reset_parameters()
+        for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
+            conv.reset_parameters()
+        self.A_log.copy_(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(0, 16).log())
+        dt = torch.exp(
+            torch.rand_like(self.dt_bias, dtype=torch.float32) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)
+        ).clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.o_norm.weight.fill_(1.0)
+
+    @torch.no_grad()
+    def initialize_from_teacher(self, teacher_attention: nn.Module, policy: str) -> None:
+        """mimic: InfiniteVL's init, no teacher weights (a/b zero, A_log 0, dt = dt_init, identity conv taps).
+        attention_transfer: the same, plus q, k (GQA-repeated), v and o copied from the teacher where the
+        shapes allow; v is tiled over the expand_v copies of each head and o split between them, so that
+        o_proj(v) equals the teacher's o_proj(v) before the gate and norm.
+        """
+        if policy not in INIT_POLICIES:
+            raise ValueError(f"init policy {policy!r} is not one of {INIT_POLICIES}.")
+        self.reset_parameters()
+        self.a_proj.weight.zero_()
+        self.b_proj.weight.zero_()
+        self.A_log.zero_()
+        dt = torch.full_like(self.dt_bias, self.config.dt_init, dtype=torch.float32)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
+            conv.weight.zero_()
+            conv.weight[..., -1] = 1.0
+        if policy == "attention_transfer":
+            self._transfer_attention_weights(teacher_attention)
+
+    def _transfer_attention_weights(self, teacher: nn.Module) -> None:
+        spec, heads = self.spec, self.num_heads
+        if heads != spec.num_heads or self.head_k_dim != spec.head_dim:
+            raise ValueError(
+                f"attention_transfer needs num_heads == {spec.num_heads} and head_k_dim == {spec.head_dim} "
+                f"(the teacher's), got {heads} and {self.head_k_dim}; use init='mimic' or the default sizes."
+            )
+        if self.head_v_dim % spec.head_dim:
+            raise ValueError(
+                f"attention_transfer needs head_v_dim ({self.head_v_dim}) to be a multiple of the teacher's "
+                f"head_dim ({spec.head_dim}); use an integer expand_v or init='mimic'."
+            )
+        copies = self.head_v_dim // spec.head_dim
+        d = spec.head_dim
+        self.q_proj.weight.copy_(teacher.q_proj.weight)
+        # (kv_heads * d, hidden) -> (heads * d, hidden): each query head takes its GQA group's key/value
+        k = teacher.k_proj.weight.view(spec.num_kv_heads, d, -1).repeat_interleave(spec.kv_groups, dim=0)
+        v = teacher.v_proj.weight.view(spec.num_kv_heads, d, -1).repeat_interleave(spec.kv_groups, dim=0)
+        self.k_proj.weight.copy_(k.reshape(heads * d, -1))
+        self.v_proj.weight.copy_(v.repeat(1, copies, 1).reshape(heads * self.head_v_dim, -1))
+        # o_proj input (heads * d) -> (heads * copies * d), each copy carrying 1/copies of the teacher's columns
+        o = teacher.o_proj.weight.view(-1, heads, 1, d) / copies
+        self.o_proj.weight.copy_(o.expand(-1, heads, copies, d).reshape(-1, heads * self.head_v_dim))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        batch, length, _ = hidden_states.shape
+        valid = key_padding_mask(attention_mask, length)
+        if valid is not None:
+            # Zeroed inputs with beta = 0 and g = 0 leave conv and recurrent states exactly as unpadded.
+            hidden_states = hidden_states * valid[..., None].to(hidden_states.dtype)
+        cache = mixer_cache_layer(past_key_values, self.layer_idx)
+        states = cache.states if cache is not None else {}
+
+        q, conv_q = self.q_conv1d(self.q_proj(hidden_states), states.get("conv_q"))
+        k, conv_k = self.k_conv1d(self.k_proj(hidden_states), states.get("conv_k"))
+        v, conv_v = self.v_conv1d(self.v_proj(hidden_states), states.get("conv_v"))
+        # (B, T, H*D) -> (B, T, H, D)
+        q = q.view(batch, length, self.num_heads, self.head_k_dim)
+        k = k.view(batch, length, self.num_heads, self.head_k_dim)
+        v = v.view(batch, length, self.num_heads, self.head_v_dim)
+        beta = self.b_proj(hidden_states).float().sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
+        if valid is not None:
+            beta, g = beta * valid, g * valid
+
+        out, recurrent = gated_delta_rule(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            initial_state=states.get("recurrent"),
+            output_final_state=cache is not None,
+            backend=self.config.backend,
+        )
+        if cache is not None:
+            cache.states.update(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v, recurrent=recurrent)
+            cache.advance(length)
+
+        gate = self.g_proj(hidden_states).view(batch, length, self.num_heads, self.head_v_dim)
+        out = self.o_norm(out, gate).reshape(batch, length, -1)
+        return self.o_proj(out), None

@@ -1,0 +1,164 @@
+"""The gated delta rule: S_t = S_{t-1} a_t (I - b_t k_t k_t^T) + b_t v_t k_t^T, o_t = S_t^T q_t.
+
+Layouts follow fla: q, k (B, T, H, K); v (B, T, H, V); g (log decay a_t = exp(g_t)) and beta (B, T, H);
+the recurrent state is K-first (B, H, K, V) and always fp32.
+
+Two pure-PyTorch references (a chunked WY form for prefill/training, a step-by-step recurrence for decode)
+and a dispatcher that uses fla's Triton kernels on CUDA when fla is installed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hybridize.mixers.ops.backends import resolve_backend
+
+L2NORM_EPS = 1e-6  # fla's l2norm epsilon
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """Normalise the last dimension as fla's kernels do (x / sqrt(sum x^2 + eps))."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + L2NORM_EPS)
+
+
+def recurrent_gated_delta_rule_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Step-by-step recurrence in fp32: the decode path and the ground truth for the chunked form."""
+    batch, length, heads, key_dim = k.shape
+    value_dim = v.shape[-1]
+    scale = key_dim**-0.5 if scale is None else scale
+    # (B, T, H, D) -> (B, H, T, D) in fp32
+    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))
+    g, beta = (x.transpose(1, 2).float() for x in (g, beta))
+    q = q * scale
+    state = (
+        q.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None else initial_state.float()
+    )
+    outputs = []
+    for t in range(length):
+        state = state * g[:, :, t, None, None].exp()
+        remembered = torch.einsum("bhkv,bhk->bhv", state, k[:, :, t])
+        delta = (v[:, :, t] - remembered) * beta[:, :, t, None]
+        state = state + k[:, :, t, :, None] * delta[:, :, None, :]
+        outputs.append(torch.einsum("bhkv,bhk->bhv", state, q[:, :, t]))
+    out = torch.stack(outputs, dim=2) if outputs else v.new_zeros(batch, heads, 0, value_dim)
+    return out.transpose(1, 2), (state if output_final_state else None)
+
+
+def chunk_gated_delta_rule_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked (WY) form in fp32: intra-chunk work is batched matmuls, one loop step per chunk.
+
+    Within a chunk with cumulative log decay G_i and start state S0, the new values
+    U = (I + L)^-1 (beta V - beta e^G K S0), with L_ij = beta_i e^(G_i - G_j) k_i.k_j for j < i,
+    give o_i = e^(G_i) S0^T q_i + sum_{j<=i} e^(G_i - G_j) (q_i.k_j) u_j.
+    """
+    batch, length, heads, key_dim = k.shape
+    value_dim = v.shape[-1]
+    scale = key_dim**-0.5 if scale is None else scale
+    pad = (-length) % chunk_size
+    # Zero padding at the end is an identity step on the state (k = 0 writes nothing, g = 0 keeps it).
+    q, k, v = (F.pad(x.float(), (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+    g, beta = (F.pad(x.float(), (0, 0, 0, pad)) for x in (g, beta))
+    chunks = (length + pad) // chunk_size
+    # (B, T, H, D) -> (B, H, N, C, D)
+    q, k, v = (x.transpose(1, 2).reshape(batch, heads, chunks, chunk_size, -1) for x in (q, k, v))
+    g, beta = (x.transpose(1, 2).reshape(batch, heads, chunks, chunk_size) for x in (g, beta))
+    q = q * scale
+
+    g = g.cumsum(-1)
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+    # Mask before exp: above the diagonal G_i - G_j > 0 could overflow to inf and give inf * 0 = nan.
+    decay = (g[..., :, None] - g[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # (B, H, N, C, C)
+    k_beta = k * beta[..., None]
+    lower = (k_beta @ k.transpose(-1, -2) * decay).tril(-1)
+    eye = torch.eye(chunk_size, dtype=q.dtype, device=q.device)
+    inverse = torch.linalg.solve_triangular(eye + lower, eye.expand_as(lower), upper=False, unitriangular=True)
+    u = inverse @ (v * beta[..., None])
+    w = inverse @ (k_beta * g.exp()[..., None])
+    scores = (q @ k.transpose(-1, -2)) * decay
+
+    state = q.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None else initial_state.float()
+    outputs = []
+    for n in range(chunks):
+        g_n = g[:, :, n]
+        new_values = u[:, :, n] - w[:, :, n] @ state
+        outputs.append((q[:, :, n] * g_n.exp()[..., None]) @ state + scores[:, :, n] @ new_values)
+        last = g_n[..., -1, None]
+        state = state * last[..., None].exp() + (
+            k[:, :, n] * (last - g_n).exp()[..., None]
+        ).transpose(-1, -2) @ new_values
+    out = torch.stack(outputs, dim=2).reshape(batch, heads, chunks * chunk_size, value_dim)
+    return out[:, :, :length].transpose(1, 2), (state if output_final_state else None)
+
+
+def gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm: bool = True,
+    backend: str = "auto",
+    mode: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the gated delta rule on the best available kernel.
+
+    backend: "auto" (fla on CUDA when installed, else torch), "fla" or "torch".
+    mode: "auto" (recurrent for short inputs without gradients, chunked otherwise), "chunk" or "recurrent".
+    Returns the output in v's dtype and, if asked, the fp32 final state (B, H, K, V).
+    """
+    backend = resolve_backend(backend, q.device, "gated_delta_rule")
+    length = q.shape[1]
+    if mode == "auto":
+        short = length <= 64 if backend == "fla" else length == 1
+        mode = "recurrent" if short and not (torch.is_grad_enabled() and q.requires_grad) else "chunk"
+    if mode not in ("chunk", "recurrent"):
+        raise ValueError(f"mode={mode!r} is not one of 'auto', 'chunk', 'recurrent'.")
+    if initial_state is not None:
+        initial_state = initial_state.float()
+
+    if backend == "fla":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+        kernel = chunk_gated_delta_rule if mode == "chunk" else fused_recurrent_gated_delta_rule
+        out, state = kernel(
+            q=q,
+            k=k,
+            v=v,
+            g=g.float(),
+            beta=beta.to(q.dtype),
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            use_qk_l2norm_in_kernel=use_qk_l2norm,
+        )
+        return out.to(v.dtype), state
+
+    if use_qk_l2norm:
+        q, k = l2norm(q.float()), l2norm(k.float())
+    reference = chunk_gated_delta_rule_torch if mode == "chunk" else recurrent_gated_delta_rule_torch
+    out, state = reference(q, k, v, g, beta, scale, initial_state, output_final_state)
+    return out.to(v.dtype), state

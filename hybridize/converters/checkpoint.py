@@ -9,9 +9,9 @@ import torch
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, PreTrainedConfig
 
 from hybridize.converters.hybrid_model import (
-    AUTO_CLASSES,
     HYBRID_PREFIX,
     PLAN_KEY,
+    generation_auto_class,
     layer_plan,
     register_hybrid_family,
 )
@@ -24,15 +24,22 @@ SHORT_NAMES = {
     "Qwen2.5-VL-72B": "Qwen/Qwen2.5-VL-72B-Instruct",
 }
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def embedded_models() -> dict:
-    """Tiny models built from a config in code: the README's offline default and the tests' teachers."""
-    from hybridize.presets import tiny_qwen2_5_vl
+    """Tiny models built from a config in code (name -> (config builder, model+processor builder)):
+    the README's offline default and the tests' teachers."""
+    from hybridize.presets import tiny_qwen2_5_vl, tiny_qwen2_5_vl_config
 
-    return {"tiny-qwen2.5-vl": tiny_qwen2_5_vl}
+    return {"tiny-qwen2.5-vl": (tiny_qwen2_5_vl_config, tiny_qwen2_5_vl)}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -69,12 +76,18 @@ def check_supported(config: PreTrainedConfig, base: str) -> None:
         )
 
 
-def auto_model_class(config: PreTrainedConfig):
-    """The Auto class that builds the generation model (ForConditionalGeneration / ForCausalLM) of `config`."""
-    for auto_class in AUTO_CLASSES:
-        if type(config) in auto_class._model_mapping:
-            return auto_class
-    raise ValueError(f"No image-text-to-text or causal-LM model class is registered for {config.model_type!r}.")
+def load_base_config(base: str) -> PreTrainedConfig:
+    """The teacher's config (no weights): checks that `base` exists and is a supported model."""
+    embedded = embedded_models()
+    if base in embedded:
+        return embedded[base][0]()
+    source = resolve_base(base)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Cannot read a transformers config from {base!r}: {error}") from None
+    check_supported(config, base)
+    return config
 
 
 def load_base_model(base: str, *, dtype: str | torch.dtype | None = None, device: str | None = None):
@@ -82,12 +95,13 @@ def load_base_model(base: str, *, dtype: str | torch.dtype | None = None, device
     dtype = parse_dtype(dtype)
     embedded = embedded_models()
     if base in embedded:
-        model, processor = embedded[base]()
+        model, processor = embedded[base][1]()
         return model.to(device=device or "cpu", dtype=dtype or model.dtype), processor
+    config = load_base_config(base)
     source = resolve_base(base)
-    config = AutoConfig.from_pretrained(source)
-    check_supported(config, base)
-    model = auto_model_class(config).from_pretrained(source, dtype=dtype or "auto", device_map=device)
+    model = generation_auto_class(type(config)).from_pretrained(
+        source, dtype=dtype or "auto", device_map=device
+    )
     return model.eval(), load_processor(source)
 
 
@@ -107,7 +121,9 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {str(out)!r} exists and is a file; give a directory path.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {str(out)!r} exists and is not empty; pick a new directory or pass --overwrite.")
+        raise FileExistsError(
+            f"--out {str(out)!r} exists and is not empty; pick a new directory or pass --overwrite."
+        )
     return out
 
 
@@ -129,7 +145,9 @@ def read_plan(path: str | Path) -> dict:
         raise FileNotFoundError(f"{str(path)!r} has no config.json; is it a hybridize checkpoint directory?")
     data = json.loads(config_file.read_text())
     if PLAN_KEY not in data:
-        raise ValueError(f"{str(path)!r} is not a hybridize checkpoint: its config.json has no `{PLAN_KEY}` section.")
+        raise ValueError(
+            f"{str(path)!r} is not a hybridize checkpoint: its config.json has no `{PLAN_KEY}` section."
+        )
     return data
 
 

@@ -74,13 +74,19 @@ def build_hybrid_config(teacher_config, plan: LayerPlan, specs, base_model: str 
         resolved = mixer_config(name, plan.mixers.get(name), specs[layers[0]])
         mixers[name] = resolved.to_dict()
         if get_mixer_class(name).native_config_support:
-            native += [idx for idx in layers if get_mixer_class(name).configure_natively(text_config, idx, resolved)]
-    stored = LayerPlan(layers=list(plan.layers), mixers=mixers, native_layers=sorted(native), ratio=plan.ratio)
+            native += [
+                idx for idx in layers if get_mixer_class(name).configure_natively(text_config, idx, resolved)
+            ]
+    stored = LayerPlan(
+        layers=list(plan.layers), mixers=mixers, native_layers=sorted(native), ratio=plan.ratio
+    )
     setattr(config, PLAN_KEY, {**stored.to_dict(), "base_model": base_model})
     return config
 
 
-def convert(model: nn.Module, plan: LayerPlan, *, progress: bool = True) -> tuple[nn.Module, ConversionReport]:
+def convert(
+    model: nn.Module, plan: LayerPlan, *, progress: bool = True
+) -> tuple[nn.Module, ConversionReport]:
     """Return the hybrid of `model` (which is left untouched) and a report of what changed.
 
     Weights outside converted attention modules are copied; each new mixer is initialised from the

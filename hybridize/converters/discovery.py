@@ -35,10 +35,14 @@ def find_decoder_layout(model: nn.Module) -> DecoderLayout:
         raise ValueError(f"{name} has no text decoder (get_decoder() is missing or returned None).")
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(f"The decoder of {name} ({type(decoder).__name__}) has no `layers` list of decoder layers.")
+        raise ValueError(
+            f"The decoder of {name} ({type(decoder).__name__}) has no `layers` list of decoder layers."
+        )
     for idx, layer in enumerate(layers):
         if not isinstance(getattr(layer, ATTENTION_ATTRIBUTE, None), nn.Module):
-            raise ValueError(f"Decoder layer {idx} of {name} has no `{ATTENTION_ATTRIBUTE}` attention module.")
+            raise ValueError(
+                f"Decoder layer {idx} of {name} has no `{ATTENTION_ATTRIBUTE}` attention module."
+            )
     text_config = model.config.get_text_config(decoder=True)
     return DecoderLayout(text_config=text_config, decoder=decoder, layers=layers)
 
@@ -47,7 +51,11 @@ def attention_spec(attention: nn.Module, text_config) -> AttentionSpec:
     """Head layout, biases, q/k norms and rotary kind of one teacher attention module."""
     if isinstance(attention, TokenMixer):
         return attention.spec
-    missing = [p for p in ("q_proj", "k_proj", "v_proj", "o_proj") if not isinstance(getattr(attention, p, None), nn.Linear)]
+    missing = [
+        p
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+        if not isinstance(getattr(attention, p, None), nn.Linear)
+    ]
     if missing:
         raise ValueError(
             f"{type(attention).__name__} has no separate {', '.join(missing)} projection(s); "

@@ -14,8 +14,17 @@ import functools
 
 import transformers
 from torch import nn
-from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedConfig
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    PreTrainedConfig,
+)
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
 
 from hybridize.converters.discovery import attention_spec, find_decoder_layout
 from hybridize.converters.plan import LayerPlan
@@ -43,13 +52,17 @@ def apply_layer_plan(model: nn.Module) -> None:
     plan = layer_plan(model.config)
     layout = find_decoder_layout(model)
     if len(plan.layers) != len(layout.layers):
-        raise ValueError(f"The layer plan has {len(plan.layers)} layers but the model has {len(layout.layers)}.")
+        raise ValueError(
+            f"The layer plan has {len(plan.layers)} layers but the model has {len(layout.layers)}."
+        )
     for idx, name in enumerate(plan.layers):
         if idx in plan.native_layers:
             continue
         attention = layout.attention(idx)
         spec = attention_spec(attention, layout.text_config)
-        layout.set_attention(idx, build_mixer(name, plan.mixers.get(name), spec, idx, _wrapped(name, attention)))
+        layout.set_attention(
+            idx, build_mixer(name, plan.mixers.get(name), spec, idx, _wrapped(name, attention))
+        )
 
 
 def _wrapped(name: str, attention: nn.Module) -> nn.Module | None:
@@ -59,7 +72,9 @@ def _wrapped(name: str, attention: nn.Module) -> nn.Module | None:
 @functools.cache
 def hybrid_config_class(base_config_class: type[PreTrainedConfig]) -> type[PreTrainedConfig]:
     model_type = HYBRID_PREFIX + base_config_class.model_type
-    config_class = type(f"Hybrid{base_config_class.__name__}", (base_config_class,), {"model_type": model_type})
+    config_class = type(
+        f"Hybrid{base_config_class.__name__}", (base_config_class,), {"model_type": model_type}
+    )
     config_class.__module__ = __name__
     AutoConfig.register(model_type, config_class, exist_ok=True)
     return config_class
@@ -85,7 +100,12 @@ def hybrid_model_class(base_model_class: type[nn.Module]) -> type[nn.Module]:
     model_class = type(
         name,
         (base_model_class,),
-        {"config_class": config_class, "__init__": __init__, "_init_weights": _init_weights, "__module__": __name__},
+        {
+            "config_class": config_class,
+            "__init__": __init__,
+            "_init_weights": _init_weights,
+            "__module__": __name__,
+        },
     )
     mapping = get_checkpoint_conversion_mapping(base_model_class.__name__)
     if mapping is None:
@@ -105,10 +125,20 @@ def hybrid_model_class(base_model_class: type[nn.Module]) -> type[nn.Module]:
 def register_hybrid_family(base_model_type: str):
     """Register the hybrid config/model classes of a transformers model type; return the Auto class for them."""
     if base_model_type not in CONFIG_MAPPING:
-        raise ValueError(f"transformers {transformers.__version__} does not know the model type {base_model_type!r}.")
+        raise ValueError(
+            f"transformers {transformers.__version__} does not know the model type {base_model_type!r}."
+        )
     base_config_class = CONFIG_MAPPING[base_model_type]
+    auto_class = generation_auto_class(base_config_class)
+    hybrid_model_class(auto_class._model_mapping[base_config_class])
+    return auto_class
+
+
+def generation_auto_class(config_class: type[PreTrainedConfig]):
+    """The Auto class that builds the generation model (ForConditionalGeneration / ForCausalLM) of a config class."""
     for auto_class in AUTO_CLASSES:
-        if base_config_class in auto_class._model_mapping:
-            hybrid_model_class(auto_class._model_mapping[base_config_class])
+        if config_class in auto_class._model_mapping:
             return auto_class
-    raise ValueError(f"No image-text-to-text or causal-LM model class is registered for {base_model_type!r}.")
+    raise ValueError(
+        f"No image-text-to-text or causal-LM model class is registered for {config_class.model_type!r}."
+    )

@@ -22,7 +22,9 @@ def parse_ratio(value: str | float | Fraction) -> Fraction:
             'e.g. "1/4" or "0.25".'
         ) from None
     if not 0 <= ratio <= 1:
-        raise ValueError(f"ratio {value!r} must be between 0 and 1 (the fraction of layers that keep softmax attention).")
+        raise ValueError(
+            f"ratio {value!r} must be between 0 and 1 (the fraction of layers that keep softmax attention)."
+        )
     return ratio
 
 
@@ -43,7 +45,9 @@ def parse_layer_list(value: str | list[int], num_layers: int) -> list[int]:
         try:
             layers = [int(part) for part in value.split(",") if part.strip()]
         except ValueError:
-            raise ValueError(f"swa layers {value!r} must be comma-separated layer indices, e.g. 0,4,8.") from None
+            raise ValueError(
+                f"swa layers {value!r} must be comma-separated layer indices, e.g. 0,4,8."
+            ) from None
     else:
         layers = [int(part) for part in value]
     bad = [idx for idx in layers if not 0 <= idx < num_layers]

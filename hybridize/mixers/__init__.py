@@ -3,7 +3,13 @@
 from hybridize.mixers.base import INIT_POLICIES, AttentionSpec, MixerConfig, TokenMixer
 from hybridize.mixers.cache import MixerCacheLayer
 from hybridize.mixers.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetMixer
-from hybridize.mixers.registry import available_mixers, build_mixer, get_mixer_class, mixer_config, register_mixer
+from hybridize.mixers.registry import (
+    available_mixers,
+    build_mixer,
+    get_mixer_class,
+    mixer_config,
+    register_mixer,
+)
 from hybridize.mixers.sliding_window import SlidingWindowConfig, SlidingWindowMixer
 
 __all__ = [

@@ -64,7 +64,9 @@ class TokenMixer(nn.Module):
     # A mixer that wraps the layer's own attention module (instead of replacing it) receives it as `attention`.
     wraps_attention: ClassVar[bool] = False
 
-    def __init__(self, config: MixerConfig, spec: AttentionSpec, layer_idx: int, attention: nn.Module | None = None):
+    def __init__(
+        self, config: MixerConfig, spec: AttentionSpec, layer_idx: int, attention: nn.Module | None = None
+    ):
         super().__init__()
         self.config = config
         self.spec = spec

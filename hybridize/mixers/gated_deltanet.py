@@ -40,12 +40,14 @@ class GatedDeltaNetConfig(MixerConfig):
     backend: str = "auto"  # "auto", "torch" or "fla"
 
     def resolve(self, spec: AttentionSpec) -> GatedDeltaNetConfig:
-        resolved = GatedDeltaNetConfig(**{
-            **self.to_dict(),
-            "num_heads": self.num_heads or spec.num_heads,
-            "head_k_dim": self.head_k_dim or spec.head_dim,
-            "norm_eps": self.norm_eps if self.norm_eps is not None else spec.rms_norm_eps,
-        })
+        resolved = GatedDeltaNetConfig(
+            **{
+                **self.to_dict(),
+                "num_heads": self.num_heads or spec.num_heads,
+                "head_k_dim": self.head_k_dim or spec.head_dim,
+                "norm_eps": self.norm_eps if self.norm_eps is not None else spec.rms_norm_eps,
+            }
+        )
         if resolved.init not in INIT_POLICIES:
             raise ValueError(f"init={resolved.init!r} is not one of {INIT_POLICIES}.")
         if resolved.backend not in BACKENDS:
@@ -69,7 +71,9 @@ class ShortConvolution(nn.Conv1d):
     def __init__(self, channels: int, kernel_size: int):
         super().__init__(channels, channels, kernel_size, groups=channels, bias=False)
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, D); state (B, D, kernel-1), the inputs before x. Returns silu(conv(x)) and the new state."""
         x = x.transpose(1, 2)  # (B, D, T)
         if state is None:
@@ -123,13 +127,22 @@ class GatedDeltaNetMixer(TokenMixer):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """fla's initialisation: A ~ U(0, 16), dt log-uniform in [1e-3, 0.1], default Linear/Conv init."""
-        for module in (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj, self.o_proj):
+        for module in (
+            self.q_proj,
+            self.k_proj,
+            self.v_proj,
+            self.a_proj,
+            self.b_proj,
+            self.g_proj,
+            self.o_proj,
+        ):
             module.reset_parameters()
         for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
             conv.reset_parameters()
         self.A_log.copy_(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(0, 16).log())
         dt = torch.exp(
-            torch.rand_like(self.dt_bias, dtype=torch.float32) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)
+            torch.rand_like(self.dt_bias, dtype=torch.float32) * (math.log(0.1) - math.log(1e-3))
+            + math.log(1e-3)
         ).clamp(min=1e-4)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.o_norm.weight.fill_(1.0)
@@ -207,7 +220,7 @@ class GatedDeltaNetMixer(TokenMixer):
         beta = self.b_proj(hidden_states).float().sigmoid()
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
         if valid is not None:
-            beta, g = beta * valid, g * valid
+            beta, g = beta * valid[..., None], g * valid[..., None]
 
         out, recurrent = gated_delta_rule(
             q,

@@ -51,9 +51,7 @@ def mixer_config(name: str, values: MixerConfig | dict[str, Any] | None, spec: A
     known = {field.name for field in dataclasses.fields(config_class)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(
-            f"Unknown option(s) {unknown} for mixer {name!r}; its options are {sorted(known)}."
-        )
+        raise ValueError(f"Unknown option(s) {unknown} for mixer {name!r}; its options are {sorted(known)}.")
     return config_class(**values).resolve(spec)
 
 
@@ -73,7 +71,9 @@ def build_mixer(
     cls = get_mixer_class(name)
     if cls.wraps_attention:
         if teacher_attention is None:
-            raise ValueError(f"Mixer {name!r} wraps the layer's attention module; pass it as teacher_attention.")
+            raise ValueError(
+                f"Mixer {name!r} wraps the layer's attention module; pass it as teacher_attention."
+            )
         return cls(resolved, spec, layer_idx, attention=teacher_attention)
     mixer = cls(resolved, spec, layer_idx)
     if teacher_attention is not None:

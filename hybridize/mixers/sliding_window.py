@@ -36,7 +36,9 @@ class SlidingWindowConfig(MixerConfig):
 
 def supports_native_sliding_window(text_config) -> bool:
     """Families whose attention reads a per-layer window from `layer_types` (Qwen2, Qwen2/2.5-VL, Qwen3)."""
-    return isinstance(getattr(text_config, "layer_types", None), list) and hasattr(text_config, "sliding_window")
+    return isinstance(getattr(text_config, "layer_types", None), list) and hasattr(
+        text_config, "sliding_window"
+    )
 
 
 @register_mixer("sliding_window")
@@ -45,7 +47,9 @@ class SlidingWindowMixer(TokenMixer):
     native_config_support = True
     wraps_attention = True
 
-    def __init__(self, config: SlidingWindowConfig, spec: AttentionSpec, layer_idx: int, attention: nn.Module):
+    def __init__(
+        self, config: SlidingWindowConfig, spec: AttentionSpec, layer_idx: int, attention: nn.Module
+    ):
         super().__init__(config, spec, layer_idx, attention)
         self.attention = attention
         self.window = config.window
@@ -123,7 +127,9 @@ class SlidingWindowMixer(TokenMixer):
             layers.append(past_key_values.layer_class_to_replicate())
         if not isinstance(layers[self.layer_idx], DynamicSlidingWindowLayer):
             if layers[self.layer_idx].get_seq_length() > 0:
-                raise RuntimeError(f"Cache slot {self.layer_idx} was filled by a layer that was not sliding-window.")
+                raise RuntimeError(
+                    f"Cache slot {self.layer_idx} was filled by a layer that was not sliding-window."
+                )
             layers[self.layer_idx] = DynamicSlidingWindowLayer(sliding_window=self.window)
         return layers[self.layer_idx]
 

@@ -40,9 +40,7 @@ def recurrent_gated_delta_rule_torch(
     q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))
     g, beta = (x.transpose(1, 2).float() for x in (g, beta))
     q = q * scale
-    state = (
-        q.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None else initial_state.float()
-    )
+    state = q.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None else initial_state.float()
     outputs = []
     for t in range(length):
         state = state * g[:, :, t, None, None].exp()
@@ -91,7 +89,9 @@ def chunk_gated_delta_rule_torch(
     k_beta = k * beta[..., None]
     lower = (k_beta @ k.transpose(-1, -2) * decay).tril(-1)
     eye = torch.eye(chunk_size, dtype=q.dtype, device=q.device)
-    inverse = torch.linalg.solve_triangular(eye + lower, eye.expand_as(lower), upper=False, unitriangular=True)
+    inverse = torch.linalg.solve_triangular(
+        eye + lower, eye.expand_as(lower), upper=False, unitriangular=True
+    )
     u = inverse @ (v * beta[..., None])
     w = inverse @ (k_beta * g.exp()[..., None])
     scores = (q @ k.transpose(-1, -2)) * decay
@@ -103,9 +103,10 @@ def chunk_gated_delta_rule_torch(
         new_values = u[:, :, n] - w[:, :, n] @ state
         outputs.append((q[:, :, n] * g_n.exp()[..., None]) @ state + scores[:, :, n] @ new_values)
         last = g_n[..., -1, None]
-        state = state * last[..., None].exp() + (
-            k[:, :, n] * (last - g_n).exp()[..., None]
-        ).transpose(-1, -2) @ new_values
+        state = (
+            state * last[..., None].exp()
+            + (k[:, :, n] * (last - g_n).exp()[..., None]).transpose(-1, -2) @ new_values
+        )
     out = torch.stack(outputs, dim=2).reshape(batch, heads, chunks * chunk_size, value_dim)
     return out[:, :, :length].transpose(1, 2), (state if output_final_state else None)
 

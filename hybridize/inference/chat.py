@@ -1,0 +1,51 @@
+"""Chat-style generation with a (hybrid) model and its processor: text prompt, optional images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+
+def chat_inputs(processor, prompts: list[str], images: list[list[Image.Image]] | None = None) -> dict:
+    """Model inputs for a batch of one-turn user chats, left-padded for generation."""
+    images = images or [[] for _ in prompts]
+    if len(images) != len(prompts):
+        raise ValueError(f"Got {len(prompts)} prompts but {len(images)} image lists.")
+    texts = []
+    for prompt, prompt_images in zip(prompts, images, strict=True):
+        content = [{"type": "image"} for _ in prompt_images] + [{"type": "text", "text": prompt}]
+        messages = [{"role": "user", "content": content}]
+        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "left"
+    flat_images = [image for prompt_images in images for image in prompt_images]
+    if flat_images:
+        return dict(processor(text=texts, images=flat_images, return_tensors="pt", padding=True))
+    return dict(processor(text=texts, return_tensors="pt", padding=True))
+
+
+def load_image(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image {str(path)!r} does not exist.")
+    return Image.open(path).convert("RGB")
+
+
+@torch.inference_mode()
+def generate_reply(
+    model,
+    processor,
+    prompt: str,
+    images: list[Image.Image] | None = None,
+    *,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+) -> str:
+    """Generate the model's answer to one prompt (greedy by default) and decode it."""
+    inputs = chat_inputs(processor, [prompt], [images or []])
+    inputs = {key: value.to(model.device) for key, value in inputs.items()}
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample)
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    return processor.batch_decode(new_tokens, skip_special_tokens=True)[0]

@@ -1,0 +1,141 @@
+"""The gated delta rule's PyTorch references against each other and against independent implementations."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.models.qwen3_next import modeling_qwen3_next
+
+from hybridize.mixers.ops import (
+    chunk_gated_delta_rule_torch,
+    gated_delta_rule,
+    l2norm,
+    recurrent_gated_delta_rule_torch,
+)
+from tests.conftest import relative_rms
+
+SHAPES = [  # (batch, length, heads, key_dim, value_dim, chunk_size)
+    (2, 100, 3, 16, 32, 16),  # length not a multiple of the chunk
+    (1, 64, 2, 8, 8, 64),  # exactly one chunk
+    (2, 1, 2, 8, 16, 64),  # a single token
+    (1, 130, 2, 32, 16, 32),
+]
+
+
+def random_inputs(batch, length, heads, key_dim, value_dim, seed=0, requires_grad=False):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float32)
+
+    q = l2norm(randn(batch, length, heads, key_dim))
+    k = l2norm(randn(batch, length, heads, key_dim))
+    v = randn(batch, length, heads, value_dim)
+    g = torch.nn.functional.logsigmoid(randn(batch, length, heads) + 3)
+    beta = randn(batch, length, heads).sigmoid()
+    state = randn(batch, heads, key_dim, value_dim)
+    tensors = [q, k, v, g, beta, state]
+    return [t.requires_grad_(requires_grad) for t in tensors]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_chunked_equals_recurrent_with_initial_state(shape):
+    *dims, chunk_size = shape
+    q, k, v, g, beta, state = random_inputs(*dims)
+    out_r, state_r = recurrent_gated_delta_rule_torch(q, k, v, g, beta, initial_state=state, output_final_state=True)
+    out_c, state_c = chunk_gated_delta_rule_torch(
+        q, k, v, g, beta, initial_state=state, output_final_state=True, chunk_size=chunk_size
+    )
+    assert relative_rms(out_r, out_c) < 1e-5
+    assert relative_rms(state_r, state_c) < 1e-5
+    torch.testing.assert_close(out_c, out_r, rtol=1e-5, atol=1e-5)
+
+
+def test_state_carries_across_calls():
+    q, k, v, g, beta, _ = random_inputs(2, 90, 2, 16, 16, seed=1)
+    whole, whole_state = chunk_gated_delta_rule_torch(q, k, v, g, beta, output_final_state=True, chunk_size=16)
+    first, state = chunk_gated_delta_rule_torch(
+        q[:, :37], k[:, :37], v[:, :37], g[:, :37], beta[:, :37], output_final_state=True, chunk_size=16
+    )
+    second, final = chunk_gated_delta_rule_torch(
+        q[:, 37:], k[:, 37:], v[:, 37:], g[:, 37:], beta[:, 37:], initial_state=state, output_final_state=True
+    )
+    assert relative_rms(whole, torch.cat([first, second], dim=1)) < 1e-5
+    assert relative_rms(whole_state, final) < 1e-5
+
+
+def test_gradients_of_chunked_and_recurrent_forms_agree():
+    inputs = random_inputs(1, 40, 2, 8, 8, seed=2, requires_grad=True)
+    grads = []
+    for reference in (recurrent_gated_delta_rule_torch, chunk_gated_delta_rule_torch):
+        out, state = reference(*inputs[:5], initial_state=inputs[5], output_final_state=True)
+        (out.pow(2).sum() + state.pow(2).sum()).backward()
+        grads.append([t.grad.clone() for t in inputs])
+        for t in inputs:
+            t.grad = None
+    for recurrent_grad, chunk_grad in zip(*grads, strict=True):
+        assert recurrent_grad.abs().sum() > 0
+        assert relative_rms(recurrent_grad, chunk_grad) < 1e-5
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_matches_transformers_torch_reference(shape):
+    *dims, _ = shape
+    q, k, v, g, beta, state = random_inputs(*dims, seed=3)
+    expected, expected_state = modeling_qwen3_next.torch_recurrent_gated_delta_rule(
+        q, k, v, g, beta, initial_state=state, output_final_state=True
+    )
+    ours, ours_state = chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state=state, output_final_state=True)
+    assert relative_rms(expected, ours) < 1e-5
+    assert relative_rms(expected_state, ours_state) < 1e-5
+
+
+def fla_naive_module():
+    """fla's naive.py reference, loaded by file path (no triton needed): from HYBRIDIZE_FLA_SRC or an installed fla."""
+    root = os.environ.get("HYBRIDIZE_FLA_SRC")
+    if root is None:
+        spec = importlib.util.find_spec("fla")
+        root = str(Path(spec.origin).parent.parent) if spec and spec.origin else None
+    path = Path(root or "/nonexistent") / "fla" / "ops" / "gated_delta_rule" / "naive.py"
+    if not path.is_file():
+        pytest.skip("fla's naive.py not found (set HYBRIDIZE_FLA_SRC to an unpacked fla-core wheel)")
+    spec = importlib.util.spec_from_file_location("fla_gated_delta_rule_naive", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_fla_naive_references(shape):
+    naive = fla_naive_module()
+    *dims, chunk_size = shape
+    q, k, v, g, beta, state = random_inputs(*dims, seed=4)
+    ours, ours_state = chunk_gated_delta_rule_torch(
+        q, k, v, g, beta, initial_state=state, output_final_state=True, chunk_size=chunk_size
+    )
+    # fla's two references take beta and g in opposite orders.
+    expected, expected_state = naive.naive_recurrent_gated_delta_rule(
+        q, k, v, beta, g, initial_state=state, output_final_state=True
+    )
+    assert relative_rms(expected, ours) < 1e-5
+    assert relative_rms(expected_state, ours_state) < 1e-5
+    if dims[1] % 64 == 0:
+        expected_chunk, _ = naive.naive_chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state)
+        assert relative_rms(expected_chunk, ours) < 1e-4
+
+
+def test_dispatcher_normalises_and_picks_modes():
+    q, k, v, g, beta, state = random_inputs(1, 20, 2, 8, 8, seed=5)
+    raw_q, raw_k = q * 3.0, k * 0.5  # l2norm inside the dispatcher undoes the scaling
+    expected, _ = recurrent_gated_delta_rule_torch(q, k, v, g, beta, initial_state=state)
+    for mode in ("auto", "chunk", "recurrent"):
+        out, _ = gated_delta_rule(raw_q, raw_k, v, g, beta, initial_state=state, backend="torch", mode=mode)
+        assert relative_rms(expected, out) < 1e-5
+    with pytest.raises(ValueError, match="mode"):
+        gated_delta_rule(q, k, v, g, beta, mode="parallel")
+    with pytest.raises(RuntimeError, match="hybridize\\[cuda\\]"):
+        gated_delta_rule(q, k, v, g, beta, backend="fla")

@@ -4,6 +4,7 @@ Importing the package registers the hybrid model classes of the supported famili
 Auto classes, so saved hybrids load with `AutoModelForImageTextToText.from_pretrained(path)`.
 """
 
+from hybridize import presets  # noqa: F401  (registers the tiny processor class with AutoProcessor)
 from hybridize.converters import (
     SUPPORTED_MODEL_TYPES,
     ConversionReport,

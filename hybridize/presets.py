@@ -1,0 +1,148 @@
+"""The embedded default model: a tiny, randomly initialised Qwen2.5-VL built fully offline.
+
+Everything is made from scratch (byte-level tokenizer, PIL image processor, config, weights), so the
+README examples and the tests need neither hub downloads nor torchvision, and a seed fixes the weights.
+"""
+
+import torch
+from tokenizers import pre_tokenizers
+from transformers import (
+    AutoProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2Tokenizer,
+    Qwen2VLImageProcessorPil,
+)
+
+VOCAB_SIZE = 512
+# Same order as in the real Qwen2.5-VL vocabulary, placed right after the 256 byte tokens (ids 256..262).
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+SPECIAL_TOKEN_IDS = {token: 256 + i for i, token in enumerate(SPECIAL_TOKENS)}
+
+# The Qwen2.5-VL chat template (ChatML with a default system prompt and vision placeholders).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
+    """`Qwen2_5_VLProcessor` for images and text only.
+
+    Every transformers video processor needs torchvision, and `ProcessorMixin` type-checks each sub-processor,
+    so `video_processor=None` is rejected. Leaving `video_processor` out of the signature drops it from the
+    processor's attributes; the parent's positional `None` for it is then ignored.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+# AutoProcessor finds a saved `processor_class` by name among registered processors. The key is a plain name,
+# not Qwen2_5_VLConfig, so real Qwen2.5-VL checkpoints keep their processor (and transformers 5.17 silently
+# ignores registrations keyed by one of its own config classes).
+AutoProcessor.register("qwen2_5_vl_image_only", Qwen2_5_VLImageOnlyProcessor)
+
+
+def _byte_level_tokenizer() -> Qwen2Tokenizer:
+    """Qwen2's byte-level BPE pipeline with no merges: one token per byte, then the special tokens."""
+    vocab = {char: i for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update(SPECIAL_TOKEN_IDS)
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=32768,
+        extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_end|>")],
+    )
+
+
+def tiny_qwen2_5_vl_processor() -> Qwen2_5_VLImageOnlyProcessor:
+    """Processor for the tiny model; a 56x56 image becomes 4 image tokens, larger ones at most 64."""
+    # The size "edges" are pixel counts (min_pixels / max_pixels, deprecated names in 5.x).
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 56 * 56, "longest_edge": 224 * 224},
+        patch_size=14,
+        temporal_patch_size=2,
+        merge_size=2,
+    )
+    return Qwen2_5_VLImageOnlyProcessor(image_processor, _byte_level_tokenizer(), chat_template=CHAT_TEMPLATE)
+
+
+def tiny_qwen2_5_vl_config(num_hidden_layers: int = 8) -> Qwen2_5_VLConfig:
+    """Config of the tiny model, with the special-token ids of `tiny_qwen2_5_vl_processor`'s tokenizer."""
+    text_config = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        bos_token_id=SPECIAL_TOKEN_IDS["<|endoftext|>"],
+        eos_token_id=SPECIAL_TOKEN_IDS["<|im_end|>"],
+        pad_token_id=SPECIAL_TOKEN_IDS["<|endoftext|>"],
+    )
+    vision_config = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=56,
+        fullatt_block_indexes=[1],
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=SPECIAL_TOKEN_IDS["<|image_pad|>"],
+        video_token_id=SPECIAL_TOKEN_IDS["<|video_pad|>"],
+        vision_start_token_id=SPECIAL_TOKEN_IDS["<|vision_start|>"],
+        vision_end_token_id=SPECIAL_TOKEN_IDS["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_qwen2_5_vl(
+    seed: int = 0, num_hidden_layers: int = 8
+) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLImageOnlyProcessor]:
+    """The tiny model (fp32, eval mode, weights fixed by `seed`) and its processor; the global RNG is untouched."""
+    config = tiny_qwen2_5_vl_config(num_hidden_layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    return model.eval(), tiny_qwen2_5_vl_processor()

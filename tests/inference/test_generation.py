@@ -1,0 +1,66 @@
+"""generate() with the hybrid cache against an uncached argmax loop over the full sequence."""
+
+from __future__ import annotations
+
+import torch
+
+from hybridize.converters import convert, plan_layers
+from hybridize.inference.chat import chat_inputs, generate_reply
+from tests.conftest import make_image
+
+NEW_TOKENS = 12
+
+
+def argmax_loop(model, inputs: dict, steps: int) -> torch.Tensor:
+    """Greedy decoding that reruns the whole sequence every step, with no cache at all."""
+    inputs = dict(inputs)
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(**inputs, use_cache=False).logits[:, -1]
+        token = logits.argmax(-1, keepdim=True)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], token], dim=1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(token)], dim=1)
+    return inputs["input_ids"]
+
+
+def left_padded_image_batch(processor):
+    inputs = chat_inputs(
+        processor,
+        ["Describe this image in detail, please.", "Hi"],
+        [[make_image(2, (112, 84))], []],
+    )
+    assert (inputs["attention_mask"][1] == 0).sum() > 8  # the second prompt is left-padded beyond the window
+    return inputs
+
+
+def check_cached_generation_matches(model, processor):
+    inputs = left_padded_image_batch(processor)
+    with torch.no_grad():
+        cached = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+    expected = argmax_loop(model, inputs, NEW_TOKENS)
+    assert torch.equal(cached, expected)
+
+
+def test_hybrid_cache_generation_equals_uncached_loop(tiny_teacher, tiny_hybrid):
+    check_cached_generation_matches(tiny_hybrid, tiny_teacher[1])
+
+
+def test_all_linear_generation_equals_uncached_loop(tiny_teacher):
+    teacher, processor = tiny_teacher
+    hybrid, _ = convert(teacher, plan_layers(8, "0", mixer_options={"init": "attention_transfer"}), progress=False)
+    check_cached_generation_matches(hybrid, processor)
+
+
+def test_sliding_window_mixer_fallback_generation(tiny_teacher):
+    teacher, processor = tiny_teacher
+    plan = plan_layers(8, "1/2", window=6)
+    plan.mixers["sliding_window"]["implementation"] = "mixer"
+    hybrid, _ = convert(teacher, plan, progress=False)
+    check_cached_generation_matches(hybrid, processor)
+
+
+def test_generate_reply_decodes_text(tiny_teacher, tiny_hybrid):
+    reply = generate_reply(tiny_hybrid, tiny_teacher[1], "Describe.", [make_image(3)], max_new_tokens=5)
+    assert isinstance(reply, str)

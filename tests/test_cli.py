@@ -1,0 +1,121 @@
+"""`hybridize convert / inspect / generate` end to end on the embedded tiny model, and their input errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hybridize.cli import main
+from tests.conftest import make_image
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tiny-ivl"
+    assert main(["convert", "--base", "tiny-qwen2.5-vl", "--ratio", "1/4", "--window", "16", "--out", str(out)]) == 0
+    return out
+
+
+def test_convert_writes_a_loadable_hybrid(converted, capsys):
+    plan = json.loads((converted / "config.json").read_text())["hybridize"]
+    assert plan["layers"][:4] == ["sliding_window", "gated_deltanet", "gated_deltanet", "gated_deltanet"]
+    assert plan["mixers"]["gated_deltanet"]["init"] == "mimic"
+    assert (converted / "tokenizer.json").exists() or (converted / "tokenizer_config.json").exists()
+
+
+def test_inspect_prints_the_plan(converted, capsys):
+    assert main(["inspect", str(converted)]) == 0
+    out = capsys.readouterr().out
+    assert "hybrid_qwen2_5_vl" in out and "gated_deltanet" in out and '"window": 16' in out
+
+
+def test_generate_with_an_image(converted, tmp_path, capsys):
+    image = tmp_path / "picture.png"
+    make_image(5, (84, 56)).save(image)
+    args = ["generate", str(converted), "--prompt", "What is this?", "--image", str(image), "--max-new-tokens", "4"]
+    assert main(args) == 0
+
+
+def test_convert_with_attention_transfer_and_explicit_layers(tmp_path):
+    out = tmp_path / "explicit"
+    args = ["convert", "--base", "tiny-qwen2.5-vl", "--swa-layers", "0,7", "--init", "attention_transfer",
+            "--out", str(out)]
+    assert main(args) == 0
+    plan = json.loads((out / "config.json").read_text())["hybridize"]
+    assert [i for i, name in enumerate(plan["layers"]) if name == "sliding_window"] == [0, 7]
+    assert plan["mixers"]["gated_deltanet"]["init"] == "attention_transfer"
+
+
+def non_empty(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("keep me")
+    return str(tmp_path / "out")
+
+
+def not_a_model(tmp_path):
+    (tmp_path / "empty-model").mkdir()
+    return str(tmp_path / "empty-model")
+
+
+def unsupported_model(tmp_path):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    return str(tmp_path / "bert")
+
+
+BAD_INPUTS = [
+    (["--ratio", "3/2"], "between 0 and 1"),
+    (["--ratio", "-1"], "between 0 and 1"),
+    (["--ratio", "abc"], "not a number"),
+    (["--ratio", "1/4", "--window", "0"], "--window must be a positive"),
+    (["--ratio", "1/4", "--mixer", "retnet"], "registered mixers: gated_deltanet, sliding_window"),
+    (["--ratio", "1/4", "--init", "random"], "--init 'random'"),
+    (["--ratio", "1/4", "--dtype", "int8"], "dtype 'int8'"),
+    (["--swa-layers", "0,99"], "outside the model's layers"),
+    ([], "give --ratio"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS)
+def test_bad_convert_arguments_fail_before_writing(tmp_path, capsys, args, message):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "--base", "tiny-qwen2.5-vl", *args, "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("base", "message"),
+    [
+        (lambda tmp: str(tmp / "does-not-exist"), "is not a directory"),
+        (not_a_model, "no config.json"),
+        (unsupported_model, "'bert' model; hybridize converts qwen2_5_vl"),
+    ],
+)
+def test_bad_base_models(tmp_path, capsys, base, message):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit):
+        main(["convert", "--base", base(tmp_path), "--ratio", "1/4", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_non_empty_out_needs_overwrite(tmp_path, capsys):
+    out = non_empty(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["convert", "--base", "tiny-qwen2.5-vl", "--ratio", "1/4", "--out", out])
+    assert "--overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
+    assert main(["convert", "--base", "tiny-qwen2.5-vl", "--ratio", "1/4", "--out", out, "--overwrite"]) == 0
+
+
+def test_inspect_and_generate_reject_non_hybrids(tmp_path, capsys):
+    for verb in (["inspect", str(tmp_path)], ["generate", str(tmp_path), "--prompt", "hi"]):
+        with pytest.raises(SystemExit):
+            main(verb)
+        assert "config.json" in capsys.readouterr().err

@@ -25,10 +25,25 @@ from hybridize.mixers.ops.backends import fla_available
 from hybridize.mixers.ops.gated_delta_rule import gated_delta_rule
 from hybridize.mixers.registry import build_mixer
 
-TOLERANCE = {"o": 0.005, "o_recurrent": 0.002, "state": 0.005, "dq": 0.008, "dk": 0.008, "dv": 0.008,
-             "dg": 0.02, "dbeta": 0.02}
-QWEN25_VL_3B = AttentionSpec(hidden_size=2048, num_heads=16, num_kv_heads=2, head_dim=128, qkv_bias=True,
-                             rope="mrope", rms_norm_eps=1e-6)
+TOLERANCE = {
+    "o": 0.005,
+    "o_recurrent": 0.002,
+    "state": 0.005,
+    "dq": 0.008,
+    "dk": 0.008,
+    "dv": 0.008,
+    "dg": 0.02,
+    "dbeta": 0.02,
+}
+QWEN25_VL_3B = AttentionSpec(
+    hidden_size=2048,
+    num_heads=16,
+    num_kv_heads=2,
+    head_dim=128,
+    qkv_bias=True,
+    rope="mrope",
+    rms_norm_eps=1e-6,
+)
 
 
 def relative_rms(reference: torch.Tensor, value: torch.Tensor) -> float:
@@ -53,12 +68,25 @@ def random_inputs(batch, length, heads, key_dim, value_dim, device, dtype=torch.
 
 def run_rule(backend, mode, inputs, with_grad):
     q, k, v, g, beta, initial = (x.detach().clone().requires_grad_(with_grad) for x in inputs)
-    out, state = gated_delta_rule(q, k, v, g, beta, initial_state=initial, output_final_state=True,
-                                  use_qk_l2norm=True, backend=backend, mode=mode)
+    out, state = gated_delta_rule(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        initial_state=initial,
+        output_final_state=True,
+        use_qk_l2norm=True,
+        backend=backend,
+        mode=mode,
+    )
     grads = {}
     if with_grad:
-        torch.manual_seed(1)
-        (out.float() * torch.randn_like(out, dtype=torch.float32)).sum().backward()
+        # The cotangent is built contiguous from the logical shape: randn_like would copy out's strides, and the
+        # torch reference returns a transposed (non-contiguous) view, so both backends would get different ones.
+        generator = torch.Generator(device=out.device).manual_seed(1)
+        cotangent = torch.randn(tuple(out.shape), generator=generator, device=out.device, dtype=torch.float32)
+        (out.float() * cotangent).sum().backward()
         grads = {"dq": q.grad, "dk": k.grad, "dv": v.grad, "dg": g.grad, "dbeta": beta.grad}
     return out, state, grads
 
@@ -82,7 +110,9 @@ def check_mixer(length, device) -> dict:
     mixers = {}
     for backend in ("torch", "fla"):
         torch.manual_seed(0)
-        mixers[backend] = build_mixer("gated_deltanet", {"backend": backend}, QWEN25_VL_3B, 1).to(device, torch.bfloat16)
+        mixers[backend] = build_mixer("gated_deltanet", {"backend": backend}, QWEN25_VL_3B, 1).to(
+            device, torch.bfloat16
+        )
     x = torch.randn(2, length, 2048, device=device, dtype=torch.bfloat16)
     results = {}
     outputs = {}
@@ -127,13 +157,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not fla_available():
-        raise SystemExit("fla kernels are not available here: run on a CUDA machine with `pip install 'hybridize[cuda]'`.")
+        raise SystemExit(
+            "fla kernels are not available here: run on a CUDA machine with `pip install 'hybridize[cuda]'`."
+        )
     device = torch.device("cuda")
     section_seconds = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for name, fn, length in (("gated_delta_rule", check_rule, args.length),
-                                 ("mixer", check_mixer, args.length), ("timing", time_layer, 8192)):
+        for name, fn, length in (
+            ("gated_delta_rule", check_rule, args.length),
+            ("mixer", check_mixer, args.length),
+            ("timing", time_layer, 8192),
+        ):
             start = time.perf_counter()
             result = fn(length, device)
             torch.cuda.synchronize()
@@ -150,11 +185,17 @@ def main() -> None:
     report = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                     "triton": __import__("triton").__version__, "fla": __import__("fla").__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "triton": __import__("triton").__version__,
+            "fla": __import__("fla").__version__,
+        },
         "length": args.length,
-        "gated_delta_rule": {name: {"rel_rms": value, "tolerance": TOLERANCE[name], "ok": value <= TOLERANCE[name]}
-                             for name, value in rule.items()},
+        "gated_delta_rule": {
+            name: {"rel_rms": value, "tolerance": TOLERANCE[name], "ok": value <= TOLERANCE[name]}
+            for name, value in rule.items()
+        },
         "gated_deltanet_mixer_bf16": mixer,
         "layer_timing_bf16": timing,
         "section_seconds": section_seconds,

@@ -32,5 +32,6 @@ def tiny_teacher():
 def tiny_hybrid(tiny_teacher):
     """The InfiniteVL layout of the tiny teacher: SWA (window 8) at layers 0 and 4, Gated DeltaNet elsewhere."""
     model, _ = tiny_teacher
+    torch.manual_seed(0)
     hybrid, _ = convert(model, plan_layers(8, "1/4", window=8), progress=False)
     return hybrid

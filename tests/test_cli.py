@@ -13,7 +13,10 @@ from tests.conftest import make_image
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "tiny-ivl"
-    assert main(["convert", "--base", "tiny-qwen2.5-vl", "--ratio", "1/4", "--window", "16", "--out", str(out)]) == 0
+    assert (
+        main(["convert", "--base", "tiny-qwen2.5-vl", "--ratio", "1/4", "--window", "16", "--out", str(out)])
+        == 0
+    )
     return out
 
 
@@ -33,14 +36,32 @@ def test_inspect_prints_the_plan(converted, capsys):
 def test_generate_with_an_image(converted, tmp_path, capsys):
     image = tmp_path / "picture.png"
     make_image(5, (84, 56)).save(image)
-    args = ["generate", str(converted), "--prompt", "What is this?", "--image", str(image), "--max-new-tokens", "4"]
+    args = [
+        "generate",
+        str(converted),
+        "--prompt",
+        "What is this?",
+        "--image",
+        str(image),
+        "--max-new-tokens",
+        "4",
+    ]
     assert main(args) == 0
 
 
 def test_convert_with_attention_transfer_and_explicit_layers(tmp_path):
     out = tmp_path / "explicit"
-    args = ["convert", "--base", "tiny-qwen2.5-vl", "--swa-layers", "0,7", "--init", "attention_transfer",
-            "--out", str(out)]
+    args = [
+        "convert",
+        "--base",
+        "tiny-qwen2.5-vl",
+        "--swa-layers",
+        "0,7",
+        "--init",
+        "attention_transfer",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     plan = json.loads((out / "config.json").read_text())["hybridize"]
     assert [i for i, name in enumerate(plan["layers"]) if name == "sliding_window"] == [0, 7]

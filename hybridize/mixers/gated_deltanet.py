@@ -19,7 +19,7 @@ from hybridize.mixers.base import INIT_POLICIES, AttentionSpec, MixerConfig, Tok
 from hybridize.mixers.cache import mixer_cache_layer
 from hybridize.mixers.masks import key_padding_mask
 from hybridize.mixers.ops.backends import BACKENDS
-from hybridize.mixers.ops.gated_delta_rule import gated_delta_rule
+from hybridize.mixers.ops.gated_delta_rule import compute_dtype, gated_delta_rule
 from hybridize.mixers.registry import register_mixer
 
 
@@ -93,9 +93,9 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(compute_dtype(x))
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x * F.silu(gate.float())).to(dtype)
+        return (self.weight.to(x.dtype) * x * F.silu(gate.to(x.dtype))).to(dtype)
 
 
 @register_mixer("gated_deltanet")
@@ -217,8 +217,11 @@ class GatedDeltaNetMixer(TokenMixer):
         q = q.view(batch, length, self.num_heads, self.head_k_dim)
         k = k.view(batch, length, self.num_heads, self.head_k_dim)
         v = v.view(batch, length, self.num_heads, self.head_v_dim)
-        beta = self.b_proj(hidden_states).float().sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(hidden_states).float() + self.dt_bias.float())
+        dtype = compute_dtype(hidden_states)
+        beta = self.b_proj(hidden_states).to(dtype).sigmoid()
+        g = -self.A_log.to(dtype).exp() * F.softplus(
+            self.a_proj(hidden_states).to(dtype) + self.dt_bias.to(dtype)
+        )
         if valid is not None:
             beta, g = beta * valid[..., None], g * valid[..., None]
 

@@ -48,7 +48,9 @@ def test_parameter_count_on_36_layers():
     teacher, _ = tiny_qwen2_5_vl(num_hidden_layers=36)
     hybrid, report = convert(teacher, plan_layers(36, "1/4"), progress=False)
     count = sum(p.numel() for p in hybrid.parameters())
-    assert report.hybrid_params == count == report.teacher_params - report.params_removed + report.params_added
+    assert (
+        report.hybrid_params == count == report.teacher_params - report.params_removed + report.params_added
+    )
     assert [item.layer for item in report.layers if item.mixer == "sliding_window"] == list(range(0, 36, 4))
     assert report.params_added > report.params_removed > 0
     assert "teacher" in report.table() and f"{count:,}" in report.table()
@@ -57,13 +59,17 @@ def test_parameter_count_on_36_layers():
 def test_conversion_leaves_the_teacher_untouched(tiny_teacher):
     teacher, _ = tiny_teacher
     before = {name: p.clone() for name, p in teacher.named_parameters()}
-    hybrid, _ = convert(teacher, plan_layers(8, "1/4", mixer_options={"init": "attention_transfer"}), progress=False)
+    hybrid, _ = convert(
+        teacher, plan_layers(8, "1/4", mixer_options={"init": "attention_transfer"}), progress=False
+    )
     for p in hybrid.parameters():
         p.data.add_(1.0)
     for name, p in teacher.named_parameters():
         assert torch.equal(p, before[name]), name
     assert all(isinstance(m, torch.nn.Module) for m in find_decoder_layout(teacher).layers)
-    assert not any(isinstance(layer.self_attn, GatedDeltaNetMixer) for layer in find_decoder_layout(teacher).layers)
+    assert not any(
+        isinstance(layer.self_attn, GatedDeltaNetMixer) for layer in find_decoder_layout(teacher).layers
+    )
 
 
 def test_shared_weights_are_copied(tiny_teacher):
@@ -79,7 +85,9 @@ def test_shared_weights_are_copied(tiny_teacher):
 def test_ratio_zero_is_all_linear_and_runs(tiny_teacher, image_batch):
     teacher, _ = tiny_teacher
     hybrid, _ = convert(teacher, plan_layers(8, "0"), progress=False)
-    assert all(isinstance(layer.self_attn, GatedDeltaNetMixer) for layer in find_decoder_layout(hybrid).layers)
+    assert all(
+        isinstance(layer.self_attn, GatedDeltaNetMixer) for layer in find_decoder_layout(hybrid).layers
+    )
     with torch.no_grad():
         out = hybrid.generate(**image_batch, max_new_tokens=4, do_sample=False)
     assert out.shape == (2, image_batch["input_ids"].shape[1] + 4)

@@ -46,7 +46,9 @@ def random_inputs(batch, length, heads, key_dim, value_dim, seed=0, requires_gra
 def test_chunked_equals_recurrent_with_initial_state(shape):
     *dims, chunk_size = shape
     q, k, v, g, beta, state = random_inputs(*dims)
-    out_r, state_r = recurrent_gated_delta_rule_torch(q, k, v, g, beta, initial_state=state, output_final_state=True)
+    out_r, state_r = recurrent_gated_delta_rule_torch(
+        q, k, v, g, beta, initial_state=state, output_final_state=True
+    )
     out_c, state_c = chunk_gated_delta_rule_torch(
         q, k, v, g, beta, initial_state=state, output_final_state=True, chunk_size=chunk_size
     )
@@ -57,7 +59,9 @@ def test_chunked_equals_recurrent_with_initial_state(shape):
 
 def test_state_carries_across_calls():
     q, k, v, g, beta, _ = random_inputs(2, 90, 2, 16, 16, seed=1)
-    whole, whole_state = chunk_gated_delta_rule_torch(q, k, v, g, beta, output_final_state=True, chunk_size=16)
+    whole, whole_state = chunk_gated_delta_rule_torch(
+        q, k, v, g, beta, output_final_state=True, chunk_size=16
+    )
     first, state = chunk_gated_delta_rule_torch(
         q[:, :37], k[:, :37], v[:, :37], g[:, :37], beta[:, :37], output_final_state=True, chunk_size=16
     )
@@ -89,7 +93,9 @@ def test_matches_transformers_torch_reference(shape):
     expected, expected_state = modeling_qwen3_next.torch_recurrent_gated_delta_rule(
         q, k, v, g, beta, initial_state=state, output_final_state=True
     )
-    ours, ours_state = chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state=state, output_final_state=True)
+    ours, ours_state = chunk_gated_delta_rule_torch(
+        q, k, v, g, beta, initial_state=state, output_final_state=True
+    )
     assert relative_rms(expected, ours) < 1e-5
     assert relative_rms(expected_state, ours_state) < 1e-5
 

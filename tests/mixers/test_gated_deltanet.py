@@ -9,8 +9,15 @@ from transformers import DynamicCache
 from hybridize.mixers import AttentionSpec, GatedDeltaNetConfig, MixerCacheLayer, build_mixer, mixer_config
 from tests.conftest import relative_rms
 
-QWEN25_VL_3B = AttentionSpec(hidden_size=2048, num_heads=16, num_kv_heads=2, head_dim=128, qkv_bias=True,
-                             rope="mrope", rms_norm_eps=1e-6)
+QWEN25_VL_3B = AttentionSpec(
+    hidden_size=2048,
+    num_heads=16,
+    num_kv_heads=2,
+    head_dim=128,
+    qkv_bias=True,
+    rope="mrope",
+    rms_norm_eps=1e-6,
+)
 TINY = AttentionSpec(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True)
 
 
@@ -77,7 +84,11 @@ def test_left_padding_gives_the_unpadded_result():
 def test_mimic_init_is_infinitevl_init():
     mixer = tiny_mixer(init="mimic")
     mixer.initialize_from_teacher(None, "mimic")
-    assert torch.all(mixer.A_log == 0) and torch.all(mixer.a_proj.weight == 0) and torch.all(mixer.b_proj.weight == 0)
+    assert (
+        torch.all(mixer.A_log == 0)
+        and torch.all(mixer.a_proj.weight == 0)
+        and torch.all(mixer.b_proj.weight == 0)
+    )
     dt = torch.nn.functional.softplus(mixer.dt_bias)
     torch.testing.assert_close(dt, torch.full_like(dt, 1e-3))
     expected_taps = torch.zeros(4)

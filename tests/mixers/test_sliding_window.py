@@ -27,7 +27,9 @@ def swa_model(teacher, implementation):
 @pytest.mark.parametrize("implementation", ["native", "mixer"])
 def test_tokens_beyond_the_window_do_not_change_the_last_logits(one_layer_teacher, implementation):
     model = swa_model(one_layer_teacher, implementation)
-    assert isinstance(model.model.language_model.layers[0].self_attn, SlidingWindowMixer) == (implementation == "mixer")
+    assert isinstance(model.model.language_model.layers[0].self_attn, SlidingWindowMixer) == (
+        implementation == "mixer"
+    )
     ids = torch.randint(0, 250, (1, 20), generator=torch.Generator().manual_seed(0))
     last = ids.shape[1] - 1
 

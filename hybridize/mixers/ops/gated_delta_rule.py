@@ -17,6 +17,11 @@ from hybridize.mixers.ops.backends import resolve_backend
 L2NORM_EPS = 1e-6  # fla's l2norm epsilon
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision inputs; fp64 stays fp64 (exactness tests run the whole model in fp64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def l2norm(x: torch.Tensor) -> torch.Tensor:
     """Normalise the last dimension as fla's kernels do (x / sqrt(sum x^2 + eps))."""
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + L2NORM_EPS)
@@ -32,15 +37,18 @@ def recurrent_gated_delta_rule_torch(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Step-by-step recurrence in fp32: the decode path and the ground truth for the chunked form."""
+    """Step-by-step recurrence in fp32 (fp64 for fp64 inputs): the decode path and the ground truth for the chunked form."""
     batch, length, heads, key_dim = k.shape
     value_dim = v.shape[-1]
     scale = key_dim**-0.5 if scale is None else scale
-    # (B, T, H, D) -> (B, H, T, D) in fp32
-    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))
-    g, beta = (x.transpose(1, 2).float() for x in (g, beta))
+    dtype = compute_dtype(v)
+    # (B, T, H, D) -> (B, H, T, D) in the compute dtype
+    q, k, v = (x.transpose(1, 2).to(dtype) for x in (q, k, v))
+    g, beta = (x.transpose(1, 2).to(dtype) for x in (g, beta))
     q = q * scale
-    state = q.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None else initial_state.float()
+    state = (
+        q.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None else initial_state.to(dtype)
+    )
     outputs = []
     for t in range(length):
         state = state * g[:, :, t, None, None].exp()
@@ -63,7 +71,7 @@ def chunk_gated_delta_rule_torch(
     output_final_state: bool = False,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked (WY) form in fp32: intra-chunk work is batched matmuls, one loop step per chunk.
+    """Chunked (WY) form in fp32 (fp64 for fp64 inputs): intra-chunk work is batched matmuls, one loop step per chunk.
 
     Within a chunk with cumulative log decay G_i and start state S0, the new values
     U = (I + L)^-1 (beta V - beta e^G K S0), with L_ij = beta_i e^(G_i - G_j) k_i.k_j for j < i,
@@ -73,9 +81,10 @@ def chunk_gated_delta_rule_torch(
     value_dim = v.shape[-1]
     scale = key_dim**-0.5 if scale is None else scale
     pad = (-length) % chunk_size
+    dtype = compute_dtype(v)
     # Zero padding at the end is an identity step on the state (k = 0 writes nothing, g = 0 keeps it).
-    q, k, v = (F.pad(x.float(), (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
-    g, beta = (F.pad(x.float(), (0, 0, 0, pad)) for x in (g, beta))
+    q, k, v = (F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+    g, beta = (F.pad(x.to(dtype), (0, 0, 0, pad)) for x in (g, beta))
     chunks = (length + pad) // chunk_size
     # (B, T, H, D) -> (B, H, N, C, D)
     q, k, v = (x.transpose(1, 2).reshape(batch, heads, chunks, chunk_size, -1) for x in (q, k, v))
@@ -96,7 +105,9 @@ def chunk_gated_delta_rule_torch(
     w = inverse @ (k_beta * g.exp()[..., None])
     scores = (q @ k.transpose(-1, -2)) * decay
 
-    state = q.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None else initial_state.float()
+    state = (
+        q.new_zeros(batch, heads, key_dim, value_dim) if initial_state is None else initial_state.to(dtype)
+    )
     outputs = []
     for n in range(chunks):
         g_n = g[:, :, n]
@@ -139,7 +150,7 @@ def gated_delta_rule(
     if mode not in ("chunk", "recurrent"):
         raise ValueError(f"mode={mode!r} is not one of 'auto', 'chunk', 'recurrent'.")
     if initial_state is not None:
-        initial_state = initial_state.float()
+        initial_state = initial_state.to(compute_dtype(v))
 
     if backend == "fla":
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
@@ -152,14 +163,14 @@ def gated_delta_rule(
             g=g.float(),
             beta=beta.to(q.dtype),
             scale=scale,
-            initial_state=initial_state,
+            initial_state=None if initial_state is None else initial_state.float(),
             output_final_state=output_final_state,
             use_qk_l2norm_in_kernel=use_qk_l2norm,
         )
         return out.to(v.dtype), state
 
     if use_qk_l2norm:
-        q, k = l2norm(q.float()), l2norm(k.float())
+        q, k = l2norm(q.to(compute_dtype(q))), l2norm(k.to(compute_dtype(k)))
     reference = chunk_gated_delta_rule_torch if mode == "chunk" else recurrent_gated_delta_rule_torch
     out, state = reference(q, k, v, g, beta, scale, initial_state, output_final_state)
     return out.to(v.dtype), state

@@ -146,3 +146,41 @@ def tiny_qwen2_5_vl(
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config)
     return model.eval(), tiny_qwen2_5_vl_processor()
+
+
+def qwen2_5_vl_3b_config() -> Qwen2_5_VLConfig:
+    """The architecture of Qwen2.5-VL-3B-Instruct (InfiniteVL's teacher), for benchmarks with random weights."""
+    text_config = dict(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        max_position_embeddings=128000,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+        bos_token_id=151643,
+        eos_token_id=151645,
+    )
+    vision_config = dict(
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        out_hidden_size=2048,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31],
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=True,
+    )

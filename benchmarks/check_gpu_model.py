@@ -42,7 +42,9 @@ def argmax_loop(model, inputs: dict, steps: int) -> torch.Tensor:
         inputs["input_ids"] = torch.cat([inputs["input_ids"], token], dim=1)
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
         if "mm_token_type_ids" in inputs:
-            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(token)], dim=1)
+            inputs["mm_token_type_ids"] = torch.cat(
+                [inputs["mm_token_type_ids"], torch.zeros_like(token)], dim=1
+            )
     return inputs["input_ids"]
 
 
@@ -77,11 +79,17 @@ def timed(fn):
 def check_3b(device) -> dict:
     torch.manual_seed(0)
     with no_init_weights(), torch.device(device):
-        teacher = Qwen2_5_VLForConditionalGeneration._from_config(qwen2_5_vl_3b_config(), dtype=torch.bfloat16)
+        teacher = Qwen2_5_VLForConditionalGeneration._from_config(
+            qwen2_5_vl_3b_config(), dtype=torch.bfloat16
+        )
     for parameter in teacher.parameters():  # random values; no_init_weights leaves memory uninitialised
         parameter.data.normal_(0, 0.02)
     teacher.eval()
-    (hybrid, report), convert_s = timed(lambda: convert(teacher, plan_layers(36, "1/4", window=8192), progress=False))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    hybrid, report = convert(teacher, plan_layers(36, "1/4", window=8192), progress=False)
+    torch.cuda.synchronize()
+    convert_s = time.perf_counter() - start
     del teacher
     torch.cuda.empty_cache()
     layers = hybrid.model.language_model.layers
@@ -91,7 +99,9 @@ def check_3b(device) -> dict:
         "hybrid_params": report.hybrid_params,
         "params_removed": report.params_removed,
         "params_added": report.params_added,
-        "swa_layers": [i for i, name in enumerate(hybrid.config.hybridize["layers"]) if name == "sliding_window"],
+        "swa_layers": [
+            i for i, name in enumerate(hybrid.config.hybridize["layers"]) if name == "sliding_window"
+        ],
         "gdn_layer_1": type(layers[1].self_attn).__name__,
     }
     ids = torch.randint(0, 150000, (1, 8192), device=device)
@@ -99,12 +109,17 @@ def check_3b(device) -> dict:
     with torch.no_grad():
         logits, forward_s = timed(lambda: hybrid(ids).logits)
         logits, forward_s = timed(lambda: hybrid(ids).logits)
-    result.update(forward_8192_s=forward_s, forward_finite=bool(torch.isfinite(logits).all()),
-                  forward_peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+    result.update(
+        forward_8192_s=forward_s,
+        forward_finite=bool(torch.isfinite(logits).all()),
+        forward_peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+    )
     prompt = ids[:, :1024]
     with torch.no_grad():
         hybrid.generate(prompt, max_new_tokens=4, do_sample=False)
-        out, generate_s = timed(lambda: hybrid.generate(prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False))
+        out, generate_s = timed(
+            lambda: hybrid.generate(prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+        )
     result.update(generate_64_tokens_after_1024_s=generate_s, generated_shape=list(out.shape))
     return result
 
@@ -114,13 +129,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if not fla_available():
-        raise SystemExit("fla kernels are not available here: run on a CUDA machine with `pip install 'hybridize[cuda]'`.")
+        raise SystemExit(
+            "fla kernels are not available here: run on a CUDA machine with `pip install 'hybridize[cuda]'`."
+        )
     device = torch.device("cuda")
     report = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(),
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                     "fla": __import__("fla").__version__, "hybridize": hybridize.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "fla": __import__("fla").__version__,
+            "hybridize": hybridize.__version__,
+        },
         "tiny_generation_fp32": check_tiny_generation(device),
         "qwen2_5_vl_3b_ratio_1_4_bf16": check_3b(device),
     }

@@ -24,7 +24,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 import hybridize
 from hybridize.converters import convert, plan_layers
-from hybridize.inference.chat import chat_inputs
+from hybridize.inference.chat import chat_inputs, greedy_decode_without_cache
 from hybridize.mixers.ops.backends import fla_available
 from hybridize.presets import qwen2_5_vl_3b_config, tiny_qwen2_5_vl
 
@@ -32,20 +32,6 @@ try:
     from transformers.initialization import no_init_weights
 except ImportError:  # pragma: no cover
     from transformers.modeling_utils import no_init_weights
-
-
-def argmax_loop(model, inputs: dict, steps: int) -> torch.Tensor:
-    inputs = dict(inputs)
-    for _ in range(steps):
-        with torch.no_grad():
-            token = model(**inputs, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], token], dim=1)
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
-        if "mm_token_type_ids" in inputs:
-            inputs["mm_token_type_ids"] = torch.cat(
-                [inputs["mm_token_type_ids"], torch.zeros_like(token)], dim=1
-            )
-    return inputs["input_ids"]
 
 
 def check_tiny_generation(device) -> dict:
@@ -59,7 +45,7 @@ def check_tiny_generation(device) -> dict:
     steps = 12
     with torch.no_grad():
         cached = hybrid.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
-    uncached = argmax_loop(hybrid, inputs, steps)
+    uncached = greedy_decode_without_cache(hybrid, inputs, steps)
     new = slice(inputs["input_ids"].shape[1], None)
     return {
         "tokens_equal": bool(torch.equal(cached, uncached)),

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from hybridize.mixers.base import AttentionSpec
 from hybridize.mixers.ops.backends import fla_available
 from hybridize.mixers.ops.gated_delta_rule import gated_delta_rule
 from hybridize.mixers.registry import build_mixer
+from hybridize.presets import QWEN2_5_VL_3B_ATTENTION
 
 TOLERANCE = {
     "o": 0.005,
@@ -35,15 +35,6 @@ TOLERANCE = {
     "dg": 0.02,
     "dbeta": 0.02,
 }
-QWEN25_VL_3B = AttentionSpec(
-    hidden_size=2048,
-    num_heads=16,
-    num_kv_heads=2,
-    head_dim=128,
-    qkv_bias=True,
-    rope="mrope",
-    rms_norm_eps=1e-6,
-)
 
 
 def relative_rms(reference: torch.Tensor, value: torch.Tensor) -> float:
@@ -110,7 +101,7 @@ def check_mixer(length, device) -> dict:
     mixers = {}
     for backend in ("torch", "fla"):
         torch.manual_seed(0)
-        mixers[backend] = build_mixer("gated_deltanet", {"backend": backend}, QWEN25_VL_3B, 1).to(
+        mixers[backend] = build_mixer("gated_deltanet", {"backend": backend}, QWEN2_5_VL_3B_ATTENTION, 1).to(
             device, torch.bfloat16
         )
     x = torch.randn(2, length, 2048, device=device, dtype=torch.bfloat16)
@@ -128,7 +119,9 @@ def check_mixer(length, device) -> dict:
 
 
 def time_layer(length, device) -> dict:
-    mixer = build_mixer("gated_deltanet", {"backend": "fla"}, QWEN25_VL_3B, 1).to(device, torch.bfloat16)
+    mixer = build_mixer("gated_deltanet", {"backend": "fla"}, QWEN2_5_VL_3B_ATTENTION, 1).to(
+        device, torch.bfloat16
+    )
     x = torch.randn(1, length, 2048, device=device, dtype=torch.bfloat16, requires_grad=True)
 
     def measure(fn, repeats=20):

@@ -15,6 +15,8 @@ from transformers import (
     Qwen2VLImageProcessorPil,
 )
 
+from hybridize.mixers.base import AttentionSpec
+
 VOCAB_SIZE = 512
 # Same order as in the real Qwen2.5-VL vocabulary, placed right after the 256 byte tokens (ids 256..262).
 SPECIAL_TOKENS = (
@@ -184,3 +186,15 @@ def qwen2_5_vl_3b_config() -> Qwen2_5_VLConfig:
         vision_end_token_id=151653,
         tie_word_embeddings=True,
     )
+
+
+# The attention layout of Qwen2.5-VL-3B's text layers, as `attention_spec` reads it from the model.
+QWEN2_5_VL_3B_ATTENTION = AttentionSpec(
+    hidden_size=2048,
+    num_heads=16,
+    num_kv_heads=2,
+    head_dim=128,
+    qkv_bias=True,
+    rope="mrope",
+    rms_norm_eps=1e-6,
+)

@@ -49,3 +49,19 @@ def generate_reply(
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample)
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return processor.batch_decode(new_tokens, skip_special_tokens=True)[0]
+
+
+@torch.inference_mode()
+def greedy_decode_without_cache(model, inputs: dict, steps: int) -> torch.Tensor:
+    """Greedy decoding that reruns the whole sequence at every step with no cache: the slow, obviously
+    correct reference that `generate()` with the hybrid cache must reproduce token for token."""
+    inputs = dict(inputs)
+    for _ in range(steps):
+        token = model(**inputs, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], token], dim=1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
+        if "mm_token_type_ids" in inputs:  # appended tokens are text (type 0)
+            inputs["mm_token_type_ids"] = torch.cat(
+                [inputs["mm_token_type_ids"], torch.zeros_like(token)], dim=1
+            )
+    return inputs["input_ids"]

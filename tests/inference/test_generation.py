@@ -7,26 +7,10 @@ import copy
 import torch
 
 from hybridize.converters import convert, plan_layers
-from hybridize.inference.chat import chat_inputs, generate_reply
+from hybridize.inference.chat import chat_inputs, generate_reply, greedy_decode_without_cache
 from tests.conftest import make_image
 
 NEW_TOKENS = 12
-
-
-def argmax_loop(model, inputs: dict, steps: int) -> torch.Tensor:
-    """Greedy decoding that reruns the whole sequence every step, with no cache at all."""
-    inputs = dict(inputs)
-    for _ in range(steps):
-        with torch.no_grad():
-            logits = model(**inputs, use_cache=False).logits[:, -1]
-        token = logits.argmax(-1, keepdim=True)
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], token], dim=1)
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
-        if "mm_token_type_ids" in inputs:
-            inputs["mm_token_type_ids"] = torch.cat(
-                [inputs["mm_token_type_ids"], torch.zeros_like(token)], dim=1
-            )
-    return inputs["input_ids"]
 
 
 def left_padded_image_batch(processor):
@@ -49,7 +33,7 @@ def check_cached_generation_matches(model, processor):
         cached = model.generate(
             **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS
         )
-    expected = argmax_loop(model, inputs, NEW_TOKENS)
+    expected = greedy_decode_without_cache(model, inputs, NEW_TOKENS)
     assert torch.equal(cached, expected)
 
 

@@ -7,17 +7,9 @@ import torch
 from transformers import DynamicCache
 
 from hybridize.mixers import AttentionSpec, GatedDeltaNetConfig, MixerCacheLayer, build_mixer, mixer_config
+from hybridize.presets import QWEN2_5_VL_3B_ATTENTION
 from tests.conftest import relative_rms
 
-QWEN25_VL_3B = AttentionSpec(
-    hidden_size=2048,
-    num_heads=16,
-    num_kv_heads=2,
-    head_dim=128,
-    qkv_bias=True,
-    rope="mrope",
-    rms_norm_eps=1e-6,
-)
 TINY = AttentionSpec(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True)
 
 
@@ -27,9 +19,9 @@ def tiny_mixer(**options) -> torch.nn.Module:
 
 
 def test_defaults_derived_from_qwen25_vl_3b_are_infinitevl_layer():
-    config = mixer_config("gated_deltanet", None, QWEN25_VL_3B)
+    config = mixer_config("gated_deltanet", None, QWEN2_5_VL_3B_ATTENTION)
     assert (config.num_heads, config.head_k_dim, config.head_v_dim, config.conv_size) == (16, 128, 256, 4)
-    mixer = build_mixer("gated_deltanet", None, QWEN25_VL_3B, layer_idx=1)
+    mixer = build_mixer("gated_deltanet", None, QWEN2_5_VL_3B_ATTENTION, layer_idx=1)
     assert mixer.q_proj.weight.shape == (2048, 2048) and mixer.v_proj.weight.shape == (4096, 2048)
     assert mixer.o_norm.weight.shape == (256,) and mixer.q_conv1d.weight.shape == (2048, 1, 4)
 

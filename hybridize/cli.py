@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-INIT_CHOICES = ("mimic", "attention_transfer")
+from hybridize.mixers.base import INIT_POLICIES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--swa-layers", help="explicit softmax (sliding-window) layers, e.g. 0,4,8")
     convert.add_argument("--window", type=int, default=8192, help="sliding window in tokens (default 8192)")
     convert.add_argument("--mixer", default="gated_deltanet", help="linear mixer for the other layers")
-    convert.add_argument("--init", default="mimic", help=f"mixer init policy: {' | '.join(INIT_CHOICES)}")
+    convert.add_argument("--init", default="mimic", help=f"mixer init policy: {' | '.join(INIT_POLICIES)}")
     convert.add_argument("--out", required=True, help="output directory (must be new or empty)")
     convert.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     convert.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: the checkpoint's)")
@@ -62,8 +62,8 @@ def run_convert(args: argparse.Namespace) -> None:
     if args.window <= 0:
         raise ValueError(f"--window must be a positive number of tokens, got {args.window}.")
     get_mixer_class(args.mixer)
-    if args.init not in INIT_CHOICES:
-        raise ValueError(f"--init {args.init!r} is not one of {', '.join(INIT_CHOICES)}.")
+    if args.init not in INIT_POLICIES:
+        raise ValueError(f"--init {args.init!r} is not one of {', '.join(INIT_POLICIES)}.")
     checkpoint.parse_dtype(args.dtype)
     out = checkpoint.check_output_dir(args.out, args.overwrite)
     config = checkpoint.load_base_config(args.base)

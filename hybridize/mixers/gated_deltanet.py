@@ -8,6 +8,7 @@ gated (RMSNorm(o) * silu(g_proj x)) before o_proj. No positional encoding. Param
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -18,9 +19,14 @@ from torch import nn
 from hybridize.mixers.base import INIT_POLICIES, AttentionSpec, MixerConfig, TokenMixer
 from hybridize.mixers.cache import mixer_cache_layer
 from hybridize.mixers.masks import key_padding_mask
-from hybridize.mixers.ops.backends import BACKENDS
-from hybridize.mixers.ops.gated_delta_rule import compute_dtype, gated_delta_rule
+from hybridize.mixers.modules import GatedRMSNorm, ShortConvolution
+from hybridize.mixers.ops.backends import check_backend
+from hybridize.mixers.ops.dtypes import compute_dtype
+from hybridize.mixers.ops.gated_delta_rule import gated_delta_rule
 from hybridize.mixers.registry import register_mixer
+from hybridize.mixers.transfer import check_transfer_shapes, teacher_projections
+
+KERNELS = ("fla",)  # libraries with a gated delta rule kernel, in order of preference
 
 
 @dataclass
@@ -50,52 +56,27 @@ class GatedDeltaNetConfig(MixerConfig):
         )
         if resolved.init not in INIT_POLICIES:
             raise ValueError(f"init={resolved.init!r} is not one of {INIT_POLICIES}.")
-        if resolved.backend not in BACKENDS:
-            raise ValueError(f"backend={resolved.backend!r} is not one of {BACKENDS}.")
+        check_backend(resolved.backend, KERNELS, "gated_deltanet")
         if resolved.conv_size < 1 or resolved.num_heads < 1 or resolved.head_k_dim < 1:
             raise ValueError(f"Gated DeltaNet sizes must be positive, got {resolved}.")
         if not float(resolved.head_k_dim * resolved.expand_v).is_integer() or resolved.expand_v <= 0:
             raise ValueError(
                 f"expand_v={resolved.expand_v} times head_k_dim={resolved.head_k_dim} must be a positive integer."
             )
+        if resolved.init == "attention_transfer":
+            check_transfer_shapes(
+                "gated_deltanet", spec, resolved.num_heads, resolved.head_k_dim, "head_k_dim"
+            )
+            if resolved.head_v_dim % spec.head_dim:
+                raise ValueError(
+                    f"gated_deltanet init='attention_transfer' needs head_v_dim ({resolved.head_v_dim}) to be a "
+                    f"multiple of the teacher's head_dim ({spec.head_dim}); use an integer expand_v or init='mimic'."
+                )
         return resolved
 
     @property
     def head_v_dim(self) -> int:
         return int(self.head_k_dim * self.expand_v)
-
-
-class ShortConvolution(nn.Conv1d):
-    """Causal depthwise convolution over time, followed by SiLU. Weight (channels, 1, kernel) as in fla."""
-
-    def __init__(self, channels: int, kernel_size: int):
-        super().__init__(channels, channels, kernel_size, groups=channels, bias=False)
-
-    def forward(
-        self, x: torch.Tensor, state: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, D); state (B, D, kernel-1), the inputs before x. Returns silu(conv(x)) and the new state."""
-        x = x.transpose(1, 2)  # (B, D, T)
-        if state is None:
-            state = x.new_zeros(x.shape[0], x.shape[1], self.kernel_size[0] - 1)
-        window = torch.cat([state.to(x.dtype), x], dim=-1)
-        out = F.conv1d(window, self.weight, groups=self.groups)
-        return F.silu(out).transpose(1, 2), window[..., window.shape[-1] - state.shape[-1] :]
-
-
-class GatedRMSNorm(nn.Module):
-    """RMSNorm over each head's value dimension, times silu(gate) (fla's FusedRMSNormGated, swish)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(compute_dtype(x))
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.to(x.dtype) * x * F.silu(gate.to(x.dtype))).to(dtype)
 
 
 @register_mixer("gated_deltanet")
@@ -154,8 +135,7 @@ class GatedDeltaNetMixer(TokenMixer):
         shapes allow; v is tiled over the expand_v copies of each head and o split between them, so that
         o_proj(v) equals the teacher's o_proj(v) before the gate and norm.
         """
-        if policy not in INIT_POLICIES:
-            raise ValueError(f"init policy {policy!r} is not one of {INIT_POLICIES}.")
+        dataclasses.replace(self.config, init=policy).resolve(self.spec)  # checks the policy fits the sizes
         self.reset_parameters()
         self.a_proj.weight.zero_()
         self.b_proj.weight.zero_()
@@ -163,33 +143,22 @@ class GatedDeltaNetMixer(TokenMixer):
         dt = torch.full_like(self.dt_bias, self.config.dt_init, dtype=torch.float32)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
-            conv.weight.zero_()
-            conv.weight[..., -1] = 1.0
+            conv.set_identity()
         if policy == "attention_transfer":
             self._transfer_attention_weights(teacher_attention)
 
     def _transfer_attention_weights(self, teacher: nn.Module) -> None:
-        spec, heads = self.spec, self.num_heads
-        if heads != spec.num_heads or self.head_k_dim != spec.head_dim:
-            raise ValueError(
-                f"attention_transfer needs num_heads == {spec.num_heads} and head_k_dim == {spec.head_dim} "
-                f"(the teacher's), got {heads} and {self.head_k_dim}; use init='mimic' or the default sizes."
-            )
-        if self.head_v_dim % spec.head_dim:
-            raise ValueError(
-                f"attention_transfer needs head_v_dim ({self.head_v_dim}) to be a multiple of the teacher's "
-                f"head_dim ({spec.head_dim}); use an integer expand_v or init='mimic'."
-            )
-        copies = self.head_v_dim // spec.head_dim
-        d = spec.head_dim
-        self.q_proj.weight.copy_(teacher.q_proj.weight)
-        # (kv_heads * d, hidden) -> (heads * d, hidden): each query head takes its GQA group's key/value
-        k = teacher.k_proj.weight.view(spec.num_kv_heads, d, -1).repeat_interleave(spec.kv_groups, dim=0)
-        v = teacher.v_proj.weight.view(spec.num_kv_heads, d, -1).repeat_interleave(spec.kv_groups, dim=0)
-        self.k_proj.weight.copy_(k.reshape(heads * d, -1))
-        self.v_proj.weight.copy_(v.repeat(1, copies, 1).reshape(heads * self.head_v_dim, -1))
+        copies = self.head_v_dim // self.spec.head_dim
+        weights = teacher_projections(teacher, self.spec)
+        heads, d = self.num_heads, self.spec.head_dim
+        self.q_proj.weight.copy_(weights.q)
+        self.k_proj.weight.copy_(weights.k)
+        # v is tiled over the expand_v copies of each head: (heads * d, hidden) -> (heads * copies * d, hidden)
+        self.v_proj.weight.copy_(
+            weights.v.view(heads, 1, d, -1).expand(-1, copies, -1, -1).reshape(heads * self.head_v_dim, -1)
+        )
         # o_proj input (heads * d) -> (heads * copies * d), each copy carrying 1/copies of the teacher's columns
-        o = teacher.o_proj.weight.view(-1, heads, 1, d) / copies
+        o = weights.o.view(-1, heads, 1, d) / copies
         self.o_proj.weight.copy_(o.expand(-1, heads, copies, d).reshape(-1, heads * self.head_v_dim))
 
     def forward(

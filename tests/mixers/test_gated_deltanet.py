@@ -106,10 +106,11 @@ def test_attention_transfer_copies_teacher_projections():
 
 
 def test_attention_transfer_needs_matching_heads():
-    teacher = torch.nn.Module()
+    with pytest.raises(ValueError, match="num_heads"):  # at config time, before any model is loaded
+        mixer_config("gated_deltanet", {"num_heads": 2, "init": "attention_transfer"}, TINY)
     mixer = build_mixer("gated_deltanet", {"num_heads": 2}, TINY, layer_idx=0)
     with pytest.raises(ValueError, match="num_heads"):
-        mixer.initialize_from_teacher(teacher, "attention_transfer")
+        mixer.initialize_from_teacher(torch.nn.Module(), "attention_transfer")
 
 
 def test_config_round_trips_through_dict():

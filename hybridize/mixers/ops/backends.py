@@ -1,7 +1,9 @@
 """Which kernel library a compute path may use on this machine.
 
-fla imports triton at import time; on a machine without a CUDA driver every kernel then fails, so fla is
-only imported when a CUDA tensor asks for it, and only once.
+Backends: "torch" (the pure-PyTorch references, everywhere), "fla" (flash-linear-attention's Triton
+kernels) and "mamba_ssm" (the Mamba-2 kernels). fla imports triton at import time; on a machine without a
+CUDA driver every kernel then fails, so kernel libraries are only imported when a CUDA tensor asks for
+them, and only once.
 """
 
 from __future__ import annotations
@@ -12,36 +14,57 @@ import importlib.util
 
 import torch
 
-BACKENDS = ("auto", "torch", "fla")
+BACKENDS = ("auto", "torch", "fla", "mamba_ssm")
+# The module whose import proves a library's kernels are usable, and how to install it.
+KERNEL_LIBRARIES = {
+    "fla": ("fla.ops", "pip install 'hybridize[cuda]'"),
+    "mamba_ssm": ("mamba_ssm.ops.triton.ssd_combined", "pip install 'hybridize[mamba]'"),
+}
 
 
 @functools.cache
-def fla_available() -> bool:
-    """True when fla's kernels import and a CUDA device exists."""
-    if not torch.cuda.is_available() or importlib.util.find_spec("fla") is None:
+def library_available(library: str) -> bool:
+    """True when `library`'s kernels import and a CUDA device exists."""
+    module, _ = KERNEL_LIBRARIES[library]
+    if not torch.cuda.is_available() or importlib.util.find_spec(module.split(".")[0]) is None:
         return False
     try:
-        importlib.import_module("fla.ops.gated_delta_rule")
+        importlib.import_module(module)
     except Exception:  # a broken triton/fla install means "not available", never a crash at import
         return False
     return True
 
 
-def resolve_backend(backend: str, device: torch.device, op: str) -> str:
-    """Turn "auto" into a concrete backend for tensors on `device`, or fail clearly."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} for {op} is not one of {BACKENDS}.")
+def fla_available() -> bool:
+    return library_available("fla")
+
+
+def resolve_backend(backend: str, device: torch.device, op: str, kernels: tuple[str, ...] = ("fla",)) -> str:
+    """Turn "auto" into a concrete backend for tensors on `device`, or fail clearly.
+
+    `kernels` are the libraries that implement `op`, in order of preference; "torch" always does.
+    """
+    choices = ("auto", "torch", *kernels)
+    if backend not in choices:
+        raise ValueError(f"backend={backend!r} for {op} is not one of {choices}.")
     if backend == "auto":
-        return "fla" if device.type == "cuda" and fla_available() else "torch"
-    if backend == "fla" and (device.type != "cuda" or not fla_available()):
+        usable = [lib for lib in kernels if device.type == "cuda" and library_available(lib)]
+        return usable[0] if usable else "torch"
+    if backend != "torch" and (device.type != "cuda" or not library_available(backend)):
         raise RuntimeError(
-            f"backend='fla' for {op} needs CUDA tensors and flash-linear-attention installed "
-            f"(got device {device}); install the GPU extra with `pip install 'hybridize[cuda]'` "
-            "or use backend='auto'."
+            f"backend={backend!r} for {op} needs CUDA tensors and {backend} installed (got device {device}); "
+            f"install it with `{KERNEL_LIBRARIES[backend][1]}` or use backend='auto'."
         )
     return backend
 
 
-def available_backends() -> list[str]:
-    """The concrete backends usable on this machine."""
-    return ["torch", "fla"] if fla_available() else ["torch"]
+def available_backends(kernels: tuple[str, ...] = ("fla", "mamba_ssm")) -> list[str]:
+    """The concrete backends among "torch" and `kernels` usable on this machine."""
+    return ["torch", *(lib for lib in kernels if library_available(lib))]
+
+
+def check_backend(backend: str, kernels: tuple[str, ...], mixer: str) -> None:
+    """Config-time check of a mixer's `backend` option (availability is checked when it runs)."""
+    choices = ("auto", "torch", *kernels)
+    if backend not in choices:
+        raise ValueError(f"{mixer} backend={backend!r} is not one of {choices}.")

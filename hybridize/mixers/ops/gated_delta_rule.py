@@ -13,13 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from hybridize.mixers.ops.backends import resolve_backend
+from hybridize.mixers.ops.dtypes import compute_dtype
 
 L2NORM_EPS = 1e-6  # fla's l2norm epsilon
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp32 for half-precision inputs; fp64 stays fp64 (exactness tests run the whole model in fp64)."""
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def l2norm(x: torch.Tensor) -> torch.Tensor:

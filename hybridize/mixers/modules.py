@@ -1,0 +1,63 @@
+"""Small building blocks shared by the linear mixers: the short causal convolution and the gated RMSNorm."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridize.mixers.ops.dtypes import compute_dtype
+
+
+class ShortConvolution(nn.Conv1d):
+    """Causal depthwise convolution over time, followed by SiLU. Weight (channels, 1, kernel) as in fla and
+    mamba-ssm; the state carried between calls is the last kernel-1 inputs, so decode is one step of it."""
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool = False):
+        super().__init__(channels, channels, kernel_size, groups=channels, bias=bias)
+
+    def forward(
+        self, x: torch.Tensor, state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D); state (B, D, kernel-1), the inputs before x. Returns silu(conv(x)) and the new state."""
+        x = x.transpose(1, 2)  # (B, D, T)
+        if state is None:
+            state = x.new_zeros(x.shape[0], x.shape[1], self.kernel_size[0] - 1)
+        window = torch.cat([state.to(x.dtype), x], dim=-1)
+        out = F.conv1d(window, self.weight, self.bias, groups=self.groups)
+        return F.silu(out).transpose(1, 2), window[..., window.shape[-1] - state.shape[-1] :]
+
+    @torch.no_grad()
+    def set_identity(self) -> None:
+        """Taps that pass the current input through (before the SiLU): conv(x)_t = x_t."""
+        self.weight.zero_()
+        self.weight[..., -1] = 1.0
+        if self.bias is not None:
+            self.bias.zero_()
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm over the last dimension (one head or group) combined with a silu(gate).
+
+    norm_before_gate=True: RMSNorm(x) * silu(gate) (fla's FusedRMSNormGated, Gated DeltaNet and GLA);
+    False: RMSNorm(x * silu(gate)) (mamba-ssm's RMSNormGated, Mamba-2).
+    """
+
+    def __init__(self, dim: int, eps: float, norm_before_gate: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.norm_before_gate = norm_before_gate
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x, gate = x.to(compute_dtype(x)), F.silu(gate.to(compute_dtype(x)))
+        if not self.norm_before_gate:
+            x = x * gate
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.norm_before_gate:
+            x = x * gate
+        return (self.weight.to(x.dtype) * x).to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)

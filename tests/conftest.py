@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +19,22 @@ from hybridize.presets import tiny_qwen2_5_vl
 def relative_rms(reference: torch.Tensor, value: torch.Tensor) -> float:
     reference, value = reference.double(), value.double()
     return ((reference - value).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()).item()
+
+
+def fla_naive_module(op: str):
+    """fla's `fla/ops/<op>/naive.py` reference, loaded by file path (no triton needed), from HYBRIDIZE_FLA_SRC
+    (an unpacked fla-core wheel, as .ci/run makes) or an installed fla; skips the test when neither exists."""
+    root = os.environ.get("HYBRIDIZE_FLA_SRC")
+    if root is None:
+        spec = importlib.util.find_spec("fla")
+        root = str(Path(spec.origin).parent.parent) if spec and spec.origin else None
+    path = Path(root or "/nonexistent") / "fla" / "ops" / op / "naive.py"
+    if not path.is_file():
+        pytest.skip(f"fla's {op}/naive.py not found (set HYBRIDIZE_FLA_SRC to an unpacked fla-core wheel)")
+    spec = importlib.util.spec_from_file_location(f"fla_{op}_naive", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_image(seed: int, size: tuple[int, int] = (56, 56)) -> Image.Image:

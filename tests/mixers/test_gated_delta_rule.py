@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from hybridize.mixers.ops import (
     l2norm,
     recurrent_gated_delta_rule_torch,
 )
-from tests.conftest import relative_rms
+from tests.conftest import fla_naive_module, relative_rms
 
 SHAPES = [  # (batch, length, heads, key_dim, value_dim, chunk_size)
     (2, 100, 3, 16, 32, 16),  # length not a multiple of the chunk
@@ -104,24 +102,9 @@ def test_matches_transformers_torch_reference(shape):
     assert relative_rms(expected_state, ours_state) < 1e-5
 
 
-def fla_naive_module():
-    """fla's naive.py reference, loaded by file path (no triton needed): from HYBRIDIZE_FLA_SRC or an installed fla."""
-    root = os.environ.get("HYBRIDIZE_FLA_SRC")
-    if root is None:
-        spec = importlib.util.find_spec("fla")
-        root = str(Path(spec.origin).parent.parent) if spec and spec.origin else None
-    path = Path(root or "/nonexistent") / "fla" / "ops" / "gated_delta_rule" / "naive.py"
-    if not path.is_file():
-        pytest.skip("fla's naive.py not found (set HYBRIDIZE_FLA_SRC to an unpacked fla-core wheel)")
-    spec = importlib.util.spec_from_file_location("fla_gated_delta_rule_naive", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_fla_naive_references(shape):
-    naive = fla_naive_module()
+    naive = fla_naive_module("gated_delta_rule")
     *dims, chunk_size = shape
     q, k, v, g, beta, state = random_inputs(*dims, seed=4)
     ours, ours_state = chunk_gated_delta_rule_torch(

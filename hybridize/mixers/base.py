@@ -63,6 +63,9 @@ class TokenMixer(nn.Module):
     native_config_support: ClassVar[bool] = False
     # A mixer that wraps the layer's own attention module (instead of replacing it) receives it as `attention`.
     wraps_attention: ClassVar[bool] = False
+    # Kernel libraries with a fast path for this mixer, in order of preference (see ops/backends.py); the
+    # pure-PyTorch reference ("torch") is always there.
+    kernels: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self, config: MixerConfig, spec: AttentionSpec, layer_idx: int, attention: nn.Module | None = None

@@ -26,7 +26,6 @@ from hybridize.mixers.ops.gated_delta_rule import gated_delta_rule
 from hybridize.mixers.registry import register_mixer
 from hybridize.mixers.transfer import check_transfer_shapes, teacher_projections
 
-KERNELS = ("fla",)  # libraries with a gated delta rule kernel, in order of preference
 
 
 @dataclass
@@ -56,7 +55,7 @@ class GatedDeltaNetConfig(MixerConfig):
         )
         if resolved.init not in INIT_POLICIES:
             raise ValueError(f"init={resolved.init!r} is not one of {INIT_POLICIES}.")
-        check_backend(resolved.backend, KERNELS, "gated_deltanet")
+        check_backend(resolved.backend, GatedDeltaNetMixer.kernels, "gated_deltanet")
         if resolved.conv_size < 1 or resolved.num_heads < 1 or resolved.head_k_dim < 1:
             raise ValueError(f"Gated DeltaNet sizes must be positive, got {resolved}.")
         if not float(resolved.head_k_dim * resolved.expand_v).is_integer() or resolved.expand_v <= 0:
@@ -82,6 +81,7 @@ class GatedDeltaNetConfig(MixerConfig):
 @register_mixer("gated_deltanet")
 class GatedDeltaNetMixer(TokenMixer):
     config_class = GatedDeltaNetConfig
+    kernels = ("fla",)
 
     def __init__(self, config: GatedDeltaNetConfig, spec: AttentionSpec, layer_idx: int, attention=None):
         super().__init__(config, spec, layer_idx)

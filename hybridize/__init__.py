@@ -6,7 +6,7 @@ Auto classes, so saved hybrids load with `AutoModelForImageTextToText.from_pretr
 
 from hybridize import presets  # noqa: F401  (registers the tiny processor class with AutoProcessor)
 from hybridize.converters import (
-    SUPPORTED_MODEL_TYPES,
+    TESTED_MODEL_TYPES,
     ConversionReport,
     LayerPlan,
     convert,
@@ -25,7 +25,7 @@ from hybridize.mixers import (
     register_mixer,
 )
 
-for _model_type in SUPPORTED_MODEL_TYPES:
+for _model_type in TESTED_MODEL_TYPES:
     register_hybrid_family(_model_type)
 
 __version__ = "0.1.0"

@@ -7,9 +7,12 @@ fails in a second with one line that says what to change.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from pathlib import Path
 
+from hybridize.converters.plan import PATTERNS
 from hybridize.mixers.base import INIT_POLICIES
 
 
@@ -21,20 +24,49 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--base",
         required=True,
-        help="hub id, local directory, short name (Qwen2.5-VL-3B) or embedded tiny-qwen2.5-vl",
+        help="hub id, local directory, short name (Qwen2.5-VL-3B, Llama-3.2-1B, ...) or embedded tiny-qwen2.5-vl",
     )
     which = convert.add_mutually_exclusive_group()
     which.add_argument(
         "--ratio", help='fraction of layers that keep softmax attention: "1/4", "0.25", "0", "1"'
     )
     which.add_argument("--swa-layers", help="explicit softmax (sliding-window) layers, e.g. 0,4,8")
+    convert.add_argument(
+        "--pattern",
+        default="interleave",
+        choices=PATTERNS,
+        help="where --ratio puts the softmax layers (default interleave: i %% k == 0 for 1/k)",
+    )
+    convert.add_argument(
+        "--layers",
+        help='per-layer map applied last, "0-3:sliding_window,4:mamba2", or a YAML/JSON file with a list '
+        "(one mixer per layer) or a mapping; alone, the layers it does not name keep their attention",
+    )
     convert.add_argument("--window", type=int, default=8192, help="sliding window in tokens (default 8192)")
-    convert.add_argument("--mixer", default="gated_deltanet", help="linear mixer for the other layers")
-    convert.add_argument("--init", default="mimic", help=f"mixer init policy: {' | '.join(INIT_POLICIES)}")
+    convert.add_argument(
+        "--mixer",
+        default="gated_deltanet",
+        help="linear mixer for the other layers; several, comma-separated, take turns (see `hybridize mixers`)",
+    )
+    convert.add_argument(
+        "--init",
+        default=None,
+        help=f"init policy of every linear mixer: {' | '.join(INIT_POLICIES)} (default: each mixer's own)",
+    )
+    convert.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="MIXER.KEY=VALUE",
+        help="a mixer option, e.g. gated_deltanet.expand_v=1 or mamba2.num_groups=4 (repeatable)",
+    )
     convert.add_argument("--out", required=True, help="output directory (must be new or empty)")
     convert.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     convert.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: the checkpoint's)")
     convert.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
+
+    mixers = verbs.add_parser("mixers", help="list the registered mixers, their options and compute paths")
+    mixers.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     inspect = verbs.add_parser("inspect", help="print the layer plan of a saved hybrid")
     inspect.add_argument("path")
@@ -49,33 +81,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_convert(args: argparse.Namespace) -> None:
-    from hybridize.converters import checkpoint
-    from hybridize.converters.convert import convert
-    from hybridize.converters.plan import parse_ratio, plan_layers
+def parse_options(items: list[str]) -> dict[str, dict]:
+    """["gated_deltanet.expand_v=1", ...] -> {"gated_deltanet": {"expand_v": 1}}; values are read as YAML."""
+    import yaml
+
+    options: dict[str, dict] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        mixer, dot, name = key.strip().partition(".")
+        if not (sep and dot and mixer and name):
+            raise ValueError(f"--option {item!r} is not MIXER.KEY=VALUE, e.g. gated_deltanet.expand_v=1.")
+        options.setdefault(mixer, {})[name] = yaml.safe_load(value)
+    return options
+
+
+def read_layer_map(value: str | None):
+    """--layers: a map string, or a YAML/JSON file holding a list or a mapping."""
+    if value is None or not value.endswith((".yaml", ".yml", ".json")):
+        return value
+    import yaml
+
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"--layers file {value!r} does not exist.")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, (list, dict)):
+        raise ValueError(f"--layers file {value!r} must hold a list (one mixer per layer) or a mapping.")
+    return data
+
+
+def build_plan(args: argparse.Namespace, num_layers: int):
+    from hybridize.converters.plan import plan_layers
     from hybridize.mixers.registry import get_mixer_class
 
-    if args.ratio is None and args.swa_layers is None:
-        raise ValueError("give --ratio (e.g. 1/4) or --swa-layers (e.g. 0,4,8).")
-    if args.ratio is not None:
-        parse_ratio(args.ratio)
-    if args.window <= 0:
-        raise ValueError(f"--window must be a positive number of tokens, got {args.window}.")
-    get_mixer_class(args.mixer)
-    if args.init not in INIT_POLICIES:
-        raise ValueError(f"--init {args.init!r} is not one of {', '.join(INIT_POLICIES)}.")
-    checkpoint.parse_dtype(args.dtype)
-    out = checkpoint.check_output_dir(args.out, args.overwrite)
-    config = checkpoint.load_base_config(args.base)
-    num_layers = config.get_text_config(decoder=True).num_hidden_layers
+    options = parse_options(args.option)
     plan = plan_layers(
         num_layers,
         args.ratio,
         swa_layers=args.swa_layers,
+        layers=read_layer_map(args.layers),
+        pattern=args.pattern,
         mixer=args.mixer,
         window=args.window,
-        mixer_options={"init": args.init} if "init" in _fields(get_mixer_class(args.mixer)) else None,
+        options=options,
     )
+    if args.init is not None:
+        if args.init not in INIT_POLICIES:
+            raise ValueError(f"--init {args.init!r} is not one of {', '.join(INIT_POLICIES)}.")
+        for name in plan.mixers:
+            if "init" in mixer_fields(get_mixer_class(name)) and "init" not in options.get(name, {}):
+                plan.mixers[name]["init"] = args.init
+    return plan
+
+
+def mixer_fields(mixer_class) -> dict[str, dataclasses.Field]:
+    return {field.name: field for field in dataclasses.fields(mixer_class.config_class)}
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from hybridize.converters import checkpoint
+    from hybridize.converters.convert import build_hybrid_config, convert
+
+    if args.window <= 0:
+        raise ValueError(f"--window must be a positive number of tokens, got {args.window}.")
+    checkpoint.parse_dtype(args.dtype)
+    out = checkpoint.check_output_dir(args.out, args.overwrite)
+    config = checkpoint.load_base_config(args.base)
+    specs = checkpoint.base_layer_specs(config, args.base)
+    plan = build_plan(args, len(specs))
+    build_hybrid_config(config, plan, specs)  # every mixer option checked against the teacher, no weights yet
 
     print(f"loading {args.base} ...", file=sys.stderr)
     teacher, processor = checkpoint.load_base_model(args.base, dtype=args.dtype, device=args.device)
@@ -85,10 +159,50 @@ def run_convert(args: argparse.Namespace) -> None:
     print(f"saved hybrid to {out}")
 
 
-def _fields(mixer_class) -> set[str]:
-    import dataclasses
+def describe_mixers() -> list[dict]:
+    """Every registered mixer: its options (default None = derived from the teacher) and compute paths."""
+    from hybridize.mixers.ops.backends import library_available
+    from hybridize.mixers.registry import available_mixers, get_mixer_class
 
-    return {field.name for field in dataclasses.fields(mixer_class.config_class)}
+    described = []
+    for name in available_mixers():
+        mixer_class = get_mixer_class(name)
+        if mixer_class.wraps_attention:
+            paths = {"teacher attention (sdpa, eager, flash_attention_2, ...)": True}
+        else:
+            paths = {"torch (reference)": True}
+            paths.update({lib: library_available(lib) for lib in mixer_class.kernels})
+        options = {}
+        for field in mixer_fields(mixer_class).values():
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            options[field.name] = "from teacher" if default is None else default
+        doc = (mixer_class.__doc__ or sys.modules[mixer_class.__module__].__doc__ or "").strip()
+        described.append(
+            {
+                "name": name,
+                "class": f"{mixer_class.__module__}.{mixer_class.__qualname__}",
+                "summary": doc.splitlines()[0] if doc else "",
+                "options": options,
+                "compute_paths": paths,
+            }
+        )
+    return described
+
+
+def run_mixers(args: argparse.Namespace) -> None:
+    described = describe_mixers()
+    if args.json:
+        print(json.dumps(described, indent=2, default=str))
+        return
+    for mixer in described:
+        paths = ", ".join(
+            f"{path}{'' if ok else ' [unavailable here]'}" for path, ok in mixer["compute_paths"].items()
+        )
+        print(f"{mixer['name']}  ({mixer['class']})")
+        print(f"  {mixer['summary']}")
+        print(f"  compute paths: {paths}")
+        options = ", ".join(f"{key}={value}" for key, value in mixer["options"].items()) or "none"
+        print(f"  options: {options}")
 
 
 def run_inspect(args: argparse.Namespace) -> None:
@@ -120,7 +234,12 @@ def run_generate(args: argparse.Namespace) -> None:
     print(generate_reply(model, processor, args.prompt, images, max_new_tokens=args.max_new_tokens))
 
 
-COMMANDS = {"convert": run_convert, "inspect": run_inspect, "generate": run_generate}
+COMMANDS = {
+    "convert": run_convert,
+    "mixers": run_mixers,
+    "inspect": run_inspect,
+    "generate": run_generate,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

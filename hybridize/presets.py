@@ -100,22 +100,38 @@ def tiny_qwen2_5_vl_processor() -> Qwen2_5_VLImageOnlyProcessor:
     return Qwen2_5_VLImageOnlyProcessor(image_processor, _byte_level_tokenizer(), chat_template=CHAT_TEMPLATE)
 
 
-def tiny_qwen2_5_vl_config(num_hidden_layers: int = 8) -> Qwen2_5_VLConfig:
-    """Config of the tiny model, with the special-token ids of `tiny_qwen2_5_vl_processor`'s tokenizer."""
-    text_config = dict(
+def tiny_text_config(num_hidden_layers: int = 8, **overrides) -> dict:
+    """Text-decoder settings shared by every tiny model: hidden 64, 4 query / 2 KV heads of 16 (GQA), the
+    byte-level tokenizer's vocabulary and special-token ids."""
+    return dict(
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=16,
         max_position_embeddings=32768,
         rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
         bos_token_id=SPECIAL_TOKEN_IDS["<|endoftext|>"],
         eos_token_id=SPECIAL_TOKEN_IDS["<|im_end|>"],
         pad_token_id=SPECIAL_TOKEN_IDS["<|endoftext|>"],
+        **overrides,
     )
+
+
+# Image/video token ids of every tiny VLM (the tokenizer's special tokens).
+VISION_TOKEN_IDS = dict(
+    image_token_id=SPECIAL_TOKEN_IDS["<|image_pad|>"],
+    video_token_id=SPECIAL_TOKEN_IDS["<|video_pad|>"],
+    vision_start_token_id=SPECIAL_TOKEN_IDS["<|vision_start|>"],
+    vision_end_token_id=SPECIAL_TOKEN_IDS["<|vision_end|>"],
+)
+MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+
+
+def tiny_qwen2_5_vl_config(num_hidden_layers: int = 8) -> Qwen2_5_VLConfig:
+    """Config of the tiny model, with the special-token ids of `tiny_qwen2_5_vl_processor`'s tokenizer."""
     vision_config = dict(
         depth=2,
         hidden_size=32,
@@ -129,12 +145,9 @@ def tiny_qwen2_5_vl_config(num_hidden_layers: int = 8) -> Qwen2_5_VLConfig:
         fullatt_block_indexes=[1],
     )
     return Qwen2_5_VLConfig(
-        text_config=text_config,
+        text_config=tiny_text_config(num_hidden_layers, rope_parameters=MROPE),
         vision_config=vision_config,
-        image_token_id=SPECIAL_TOKEN_IDS["<|image_pad|>"],
-        video_token_id=SPECIAL_TOKEN_IDS["<|video_pad|>"],
-        vision_start_token_id=SPECIAL_TOKEN_IDS["<|vision_start|>"],
-        vision_end_token_id=SPECIAL_TOKEN_IDS["<|vision_end|>"],
+        **VISION_TOKEN_IDS,
         tie_word_embeddings=False,
     )
 
@@ -198,3 +211,114 @@ QWEN2_5_VL_3B_ATTENTION = AttentionSpec(
     rope="mrope",
     rms_norm_eps=1e-6,
 )
+
+
+def _tiny_qwen2_vl_config(num_hidden_layers: int):
+    from transformers import Qwen2VLConfig
+
+    vision_config = dict(
+        depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=14, spatial_merge_size=2
+    )
+    return Qwen2VLConfig(
+        text_config=tiny_text_config(num_hidden_layers, rope_parameters=MROPE),
+        vision_config=vision_config,
+        **VISION_TOKEN_IDS,
+        tie_word_embeddings=False,
+    )
+
+
+def _tiny_qwen3_vl_config(num_hidden_layers: int):
+    from transformers import Qwen3VLConfig
+
+    rope = {**MROPE, "mrope_section": [4, 2, 2], "mrope_interleaved": True}
+    vision_config = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=64,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=64,
+        deepstack_visual_indexes=[1],
+    )
+    text_config = tiny_text_config(num_hidden_layers, rope_parameters=rope)
+    text_config.pop("pad_token_id")
+    return Qwen3VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        **VISION_TOKEN_IDS,
+        tie_word_embeddings=False,
+    )
+
+
+def _tiny_llava_config(num_hidden_layers: int):
+    from transformers import LlavaConfig
+
+    vision_config = dict(
+        model_type="clip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        projection_dim=32,
+    )
+    return LlavaConfig(
+        text_config={"model_type": "llama", **tiny_text_config(num_hidden_layers)},
+        vision_config=vision_config,
+        image_token_id=SPECIAL_TOKEN_IDS["<|image_pad|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def _tiny_text_model_config(config_class_name: str, **overrides):
+    def build(num_hidden_layers: int):
+        import transformers
+
+        config_class = getattr(transformers, config_class_name)
+        return config_class(**tiny_text_config(num_hidden_layers, **overrides), tie_word_embeddings=False)
+
+    return build
+
+
+# Tiny configs of every family hybridize is tested on: model_type -> builder(num_hidden_layers).
+TINY_CONFIGS = {
+    "qwen2_5_vl": tiny_qwen2_5_vl_config,
+    "qwen2_vl": _tiny_qwen2_vl_config,
+    "qwen3_vl": _tiny_qwen3_vl_config,
+    "llava": _tiny_llava_config,
+    "llama": _tiny_text_model_config("LlamaConfig"),
+    "qwen2": _tiny_text_model_config("Qwen2Config"),
+    "qwen3": _tiny_text_model_config("Qwen3Config"),
+    "mistral": _tiny_text_model_config("MistralConfig", sliding_window=None),
+}
+
+
+def tiny_model(model_type: str, seed: int = 0, num_hidden_layers: int = 4):
+    """A tiny randomly initialised model of a tested family (fp32, eval mode, weights fixed by `seed`)."""
+    from hybridize.converters.hybrid_model import generation_auto_class
+
+    if model_type not in TINY_CONFIGS:
+        raise ValueError(
+            f"No tiny config for {model_type!r}; tiny models exist for {', '.join(TINY_CONFIGS)}."
+        )
+    config = TINY_CONFIGS[model_type](num_hidden_layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = generation_auto_class(type(config)).from_config(config)
+    return model.eval()
+
+
+def tiny_model_with_tokenizer(model_type: str):
+    """Builder of (tiny model of `model_type`, byte-level tokenizer with the ChatML template), as the
+    embedded `tiny-<family>` names load it."""
+
+    def build(seed: int = 0, num_hidden_layers: int = 8):
+        tokenizer = _byte_level_tokenizer()
+        tokenizer.chat_template = CHAT_TEMPLATE
+        return tiny_model(model_type, seed, num_hidden_layers), tokenizer
+
+    return build

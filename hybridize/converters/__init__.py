@@ -2,7 +2,7 @@
 
 from hybridize.converters.checkpoint import (
     SHORT_NAMES,
-    SUPPORTED_MODEL_TYPES,
+    TESTED_MODEL_TYPES,
     load,
     load_base_model,
     load_processor,
@@ -16,7 +16,7 @@ from hybridize.converters.plan import LayerPlan, parse_ratio, plan_layers
 
 __all__ = [
     "SHORT_NAMES",
-    "SUPPORTED_MODEL_TYPES",
+    "TESTED_MODEL_TYPES",
     "ConversionReport",
     "DecoderLayout",
     "LayerPlan",

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, PreTrainedConfig
 
+from hybridize.converters.discovery import layer_specs
 from hybridize.converters.hybrid_model import (
     HYBRID_PREFIX,
     PLAN_KEY,
@@ -16,14 +17,28 @@ from hybridize.converters.hybrid_model import (
     register_hybrid_family,
 )
 
-# Short names for the official checkpoints of the supported families.
+# Short names for official checkpoints of the tested families.
 SHORT_NAMES = {
     "Qwen2.5-VL-3B": "Qwen/Qwen2.5-VL-3B-Instruct",
     "Qwen2.5-VL-7B": "Qwen/Qwen2.5-VL-7B-Instruct",
     "Qwen2.5-VL-32B": "Qwen/Qwen2.5-VL-32B-Instruct",
     "Qwen2.5-VL-72B": "Qwen/Qwen2.5-VL-72B-Instruct",
+    "Qwen2-VL-2B": "Qwen/Qwen2-VL-2B-Instruct",
+    "Qwen2-VL-7B": "Qwen/Qwen2-VL-7B-Instruct",
+    "Qwen3-VL-2B": "Qwen/Qwen3-VL-2B-Instruct",
+    "Qwen3-VL-4B": "Qwen/Qwen3-VL-4B-Instruct",
+    "Qwen3-VL-8B": "Qwen/Qwen3-VL-8B-Instruct",
+    "LLaVA-1.5-7B": "llava-hf/llava-1.5-7b-hf",
+    "Llama-3.2-1B": "meta-llama/Llama-3.2-1B-Instruct",
+    "Llama-3.2-3B": "meta-llama/Llama-3.2-3B-Instruct",
+    "Qwen2.5-1.5B": "Qwen/Qwen2.5-1.5B-Instruct",
+    "Qwen3-1.7B": "Qwen/Qwen3-1.7B",
+    "Mistral-7B": "mistralai/Mistral-7B-Instruct-v0.3",
 }
-SUPPORTED_MODEL_TYPES = ("qwen2_5_vl",)
+# Families converted, generated with and reloaded in the tests (tiny configs in hybridize.presets); their
+# hybrid classes are registered with the Auto classes on `import hybridize`. Other transformers models with
+# a `get_decoder()`, decoder `layers` and q/k/v/o attention projections convert too (`layer_specs` checks).
+TESTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava", "llama", "qwen2", "qwen3", "mistral")
 DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
@@ -35,11 +50,18 @@ DTYPES = {
 
 
 def embedded_models() -> dict:
-    """Tiny models built from a config in code (name -> (config builder, model+processor builder)):
-    the README's offline default and the tests' teachers."""
-    from hybridize.presets import tiny_qwen2_5_vl, tiny_qwen2_5_vl_config
+    """Tiny models built from a config in code (name -> (config builder, model+processor builder)): the
+    README's offline default (`tiny-qwen2.5-vl`, with an image processor) and one per tested family
+    (`tiny-llama`, `tiny-qwen3-vl`, ... with the byte-level tokenizer)."""
+    from hybridize import presets
 
-    return {"tiny-qwen2.5-vl": (tiny_qwen2_5_vl_config, tiny_qwen2_5_vl)}
+    models = {"tiny-qwen2.5-vl": (presets.tiny_qwen2_5_vl_config, presets.tiny_qwen2_5_vl)}
+    for model_type, config_builder in presets.TINY_CONFIGS.items():
+        name = "tiny-" + model_type.replace("_", "-")
+        models.setdefault(
+            name, (lambda build=config_builder: build(8), presets.tiny_model_with_tokenizer(model_type))
+        )
+    return models
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -68,16 +90,8 @@ def resolve_base(base: str) -> str:
     return base
 
 
-def check_supported(config: PreTrainedConfig, base: str) -> None:
-    model_type = config.model_type.removeprefix(HYBRID_PREFIX)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"{base!r} is a {config.model_type!r} model; hybridize converts {', '.join(SUPPORTED_MODEL_TYPES)}."
-        )
-
-
 def load_base_config(base: str) -> PreTrainedConfig:
-    """The teacher's config (no weights): checks that `base` exists and is a supported model."""
+    """The teacher's config (no weights): checks that `base` exists and that its layers can be converted."""
     embedded = embedded_models()
     if base in embedded:
         return embedded[base][0]()
@@ -86,8 +100,17 @@ def load_base_config(base: str) -> PreTrainedConfig:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
         raise ValueError(f"Cannot read a transformers config from {base!r}: {error}") from None
-    check_supported(config, base)
+    if config.model_type.startswith(HYBRID_PREFIX):
+        raise ValueError(f"{base!r} is already a hybrid ({config.model_type}); convert its teacher instead.")
     return config
+
+
+def base_layer_specs(config: PreTrainedConfig, base: str) -> list:
+    """Every decoder layer's attention layout, read without weights; the error says what was not found."""
+    try:
+        return layer_specs(config)
+    except ValueError as error:
+        raise ValueError(f"{base!r} ({config.model_type}) cannot be converted: {error}") from None
 
 
 def load_base_model(base: str, *, dtype: str | torch.dtype | None = None, device: str | None = None):

@@ -62,7 +62,11 @@ def _count(module: nn.Module) -> int:
 
 
 def build_hybrid_config(teacher_config, plan: LayerPlan, specs, base_model: str | None = None):
-    """The teacher's config as a hybrid config: native layers configured, mixer options resolved, plan stored."""
+    """The teacher's config as a hybrid config: native layers configured, mixer options resolved against the
+    teacher's head layout (`specs`, one per layer), plan stored. Needs no weights, so it is also the check
+    that a plan fits a model before anything is loaded."""
+    if len(plan.layers) != len(specs):
+        raise ValueError(f"The plan covers {len(plan.layers)} layers but the model has {len(specs)}.")
     values = teacher_config.to_dict()
     values.pop("model_type", None)
     values.pop(PLAN_KEY, None)
@@ -71,7 +75,13 @@ def build_hybrid_config(teacher_config, plan: LayerPlan, specs, base_model: str 
     mixers, native = {}, []
     for name in dict.fromkeys(plan.layers):
         layers = plan.layers_with(name)
-        resolved = mixer_config(name, plan.mixers.get(name), specs[layers[0]])
+        try:
+            # Every distinct head layout the mixer replaces must fit its options (one resolved config per mixer).
+            resolved, *_ = [
+                mixer_config(name, plan.mixers.get(name), spec) for spec in {specs[i]: i for i in layers}
+            ]
+        except ValueError as error:
+            raise ValueError(f"mixer {name!r} (layers {layers}): {error}") from None
         mixers[name] = resolved.to_dict()
         if get_mixer_class(name).native_config_support:
             native += [

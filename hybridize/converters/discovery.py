@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from hybridize.mixers.base import AttentionSpec, TokenMixer
@@ -63,14 +64,41 @@ def attention_spec(attention: nn.Module, text_config) -> AttentionSpec:
         )
     head_dim = getattr(attention, "head_dim", None) or getattr(text_config, "head_dim", None)
     head_dim = head_dim or text_config.hidden_size // text_config.num_attention_heads
-    rope = getattr(text_config, "rope_parameters", None) or {}
+    num_heads, rest_q = divmod(attention.q_proj.out_features, head_dim)
+    num_kv_heads, rest_k = divmod(attention.k_proj.out_features, head_dim)
+    if rest_q or rest_k or num_kv_heads == 0 or num_heads % num_kv_heads:
+        raise ValueError(
+            f"{type(attention).__name__}'s q_proj ({attention.q_proj.out_features}) and k_proj "
+            f"({attention.k_proj.out_features}) outputs are not whole heads of {head_dim} in groups of query "
+            "heads per key/value head; hybridize needs standard multi-head or grouped-query attention."
+        )
     return AttentionSpec(
         hidden_size=attention.q_proj.in_features,
-        num_heads=attention.q_proj.out_features // head_dim,
-        num_kv_heads=attention.k_proj.out_features // head_dim,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         qkv_bias=attention.q_proj.bias is not None,
         qk_norm=hasattr(attention, "q_norm"),
-        rope="mrope" if "mrope_section" in rope else "rope",
+        rope=rotary_kind(text_config),
         rms_norm_eps=getattr(text_config, "rms_norm_eps", 1e-6),
     )
+
+
+def rotary_kind(text_config) -> str:
+    """ "mrope" for Qwen-VL multimodal rotary (3-D positions, plain or interleaved sections), else "rope"."""
+    rope = getattr(text_config, "rope_parameters", None) or {}
+    # Families with several layer types keep one rotary setting per type.
+    settings = rope.values() if all(isinstance(value, dict) for value in rope.values()) and rope else [rope]
+    return "mrope" if any("mrope_section" in setting for setting in settings) else "rope"
+
+
+def layer_specs(config) -> list[AttentionSpec]:
+    """The attention layout of every decoder layer of a model config, read from a weightless (meta-device)
+    instance: the check that a model can be converted, before any weights are loaded."""
+    from hybridize.converters.hybrid_model import generation_auto_class
+
+    model_class = generation_auto_class(type(config))._model_mapping[type(config)]
+    with torch.device("meta"):
+        model = model_class._from_config(config)
+    layout = find_decoder_layout(model)
+    return [attention_spec(layout.attention(idx), layout.text_config) for idx in range(len(layout.layers))]

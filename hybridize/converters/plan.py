@@ -1,8 +1,16 @@
-"""Which mixer each decoder layer gets: from a softmax ratio or an explicit list of sliding-window layers."""
+"""Which mixer each decoder layer gets.
+
+A plan starts from a softmax ratio placed by a pattern (interleave, first, last) or an explicit list of
+sliding-window layers, gives the other layers one linear mixer or several in turn, and can then be
+overridden layer by layer with a map ("0-3:sliding_window,4:mamba2"). Without a ratio or layer list, the
+layers a map does not name keep their attention as it is (`full_attention`).
+"""
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -10,6 +18,9 @@ from typing import Any
 from hybridize.mixers.registry import get_mixer_class
 
 SOFTMAX_MIXER = "sliding_window"
+KEEP_MIXER = "full_attention"
+PATTERNS = ("interleave", "first", "last")
+LayerMap = str | Mapping[int | str, str] | Sequence[str]
 
 
 def parse_ratio(value: str | float | Fraction) -> Fraction:
@@ -28,18 +39,31 @@ def parse_ratio(value: str | float | Fraction) -> Fraction:
     return ratio
 
 
-def softmax_layers_for_ratio(num_layers: int, ratio: Fraction) -> list[int]:
-    """Interleaved softmax layers. A ratio 1/k keeps layers i % k == 0 (InfiniteVL: 0, 4, ..., 32 of 36);
-    other ratios spread round(ratio * num_layers) layers evenly, starting at layer 0."""
+def softmax_layers_for_ratio(num_layers: int, ratio: Fraction, pattern: str = "interleave") -> list[int]:
+    """The softmax layers of a ratio. interleave: a ratio 1/k keeps layers i % k == 0 (InfiniteVL: 0, 4, ...,
+    32 of 36), other ratios spread round(ratio * num_layers) layers evenly from layer 0; first / last: that
+    many layers at the bottom / top of the stack."""
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern {pattern!r} is not one of {', '.join(PATTERNS)}.")
     if ratio == 0:
         return []
+    count = max(1, round(ratio * num_layers))
+    if pattern == "first":
+        return list(range(count))
+    if pattern == "last":
+        return list(range(num_layers - count, num_layers))
     if ratio.numerator == 1:
         return list(range(0, num_layers, ratio.denominator))
-    count = max(1, round(ratio * num_layers))
     return sorted({math.floor(i * num_layers / count) for i in range(count)})
 
 
-def parse_layer_list(value: str | list[int], num_layers: int) -> list[int]:
+def _check_indices(layers: list[int], num_layers: int, what: str) -> None:
+    bad = [idx for idx in layers if not 0 <= idx < num_layers]
+    if bad:
+        raise ValueError(f"{what} {bad} are outside the model's layers 0..{num_layers - 1}.")
+
+
+def parse_layer_list(value: str | Sequence[int], num_layers: int) -> list[int]:
     """ "0,4,8" or [0, 4, 8] -> [0, 4, 8], checked against the model's layer count."""
     if isinstance(value, str):
         try:
@@ -50,12 +74,58 @@ def parse_layer_list(value: str | list[int], num_layers: int) -> list[int]:
             ) from None
     else:
         layers = [int(part) for part in value]
-    bad = [idx for idx in layers if not 0 <= idx < num_layers]
-    if bad:
-        raise ValueError(f"swa layer indices {bad} are outside the model's layers 0..{num_layers - 1}.")
+    _check_indices(layers, num_layers, "swa layer indices")
     if len(set(layers)) != len(layers):
         raise ValueError(f"swa layers {layers} list a layer more than once.")
     return sorted(layers)
+
+
+def _layer_range(text: str, num_layers: int) -> list[int]:
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    if match is None:
+        raise ValueError(f"layer range {text!r} is not 'i' or 'i-j' (e.g. 4 or 0-3).")
+    start = int(match.group(1))
+    stop = int(match.group(2)) if match.group(2) is not None else start
+    if stop < start:
+        raise ValueError(f"layer range {text!r} runs backwards; write it as {stop}-{start}.")
+    layers = list(range(start, stop + 1))
+    _check_indices(layers, num_layers, f"layers of {text.strip()!r}")
+    return layers
+
+
+def parse_layer_map(value: LayerMap, num_layers: int) -> dict[int, str]:
+    """Layer index -> mixer name from "0-3:sliding_window,4:mamba2", {"0-3": "sliding_window", 4: "mamba2"}
+    or a list with one mixer name per layer. Overlapping entries and unknown mixers are errors."""
+    if isinstance(value, str):
+        items = []
+        for item in (part for part in value.split(",") if part.strip()):
+            if ":" not in item:
+                raise ValueError(
+                    f"layer map entry {item.strip()!r} is not 'LAYERS:MIXER' (e.g. 0-3:sliding_window,4:mamba2)."
+                )
+            layers, mixer = item.rsplit(":", 1)
+            items.append((layers, mixer.strip()))
+    elif isinstance(value, Mapping):
+        items = [(str(layers), str(mixer)) for layers, mixer in value.items()]
+    else:
+        names = [str(name) for name in value]
+        if len(names) != num_layers:
+            raise ValueError(
+                f"a layer list needs one mixer per layer: the model has {num_layers} layers, the list {len(names)}."
+            )
+        items = [(str(idx), name) for idx, name in enumerate(names)]
+    assigned: dict[int, str] = {}
+    source: dict[int, str] = {}
+    for layers, mixer in items:
+        get_mixer_class(mixer)
+        for idx in _layer_range(layers, num_layers):
+            if idx in assigned:
+                raise ValueError(
+                    f"layer {idx} is given twice in the layer map ({source[idx]!r} and "
+                    f"'{layers.strip()}:{mixer}'); give each layer one mixer."
+                )
+            assigned[idx], source[idx] = mixer, f"{layers.strip()}:{mixer}"
+    return assigned
 
 
 @dataclass
@@ -99,29 +169,55 @@ def plan_layers(
     num_layers: int,
     ratio: str | float | Fraction | None = None,
     *,
-    swa_layers: str | list[int] | None = None,
-    mixer: str = "gated_deltanet",
+    swa_layers: str | Sequence[int] | None = None,
+    layers: LayerMap | None = None,
+    pattern: str = "interleave",
+    mixer: str | Sequence[str] = "gated_deltanet",
     window: int = 8192,
-    mixer_options: dict[str, Any] | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> LayerPlan:
-    """Plan a conversion: layers chosen by `ratio` (or listed in `swa_layers`) become sliding-window
-    attention with `window`, every other layer becomes `mixer` with `mixer_options`."""
-    if (ratio is None) == (swa_layers is None):
-        raise ValueError("Give exactly one of ratio (e.g. '1/4') or swa_layers (e.g. '0,4,8').")
+    """Plan a conversion.
+
+    ratio (placed by `pattern`) or swa_layers: those layers become sliding-window attention with `window`;
+    the others get `mixer` (several names, as a list or "gated_deltanet,mamba2", take turns).
+    layers: a per-layer map applied on top; alone, it converts only the layers it names.
+    options: per-mixer options, e.g. {"gated_deltanet": {"init": "attention_transfer"}}.
+    """
+    if ratio is not None and swa_layers is not None:
+        raise ValueError("Give ratio (e.g. '1/4') or swa_layers (e.g. '0,4,8'), not both.")
+    if ratio is None and swa_layers is None and layers is None:
+        raise ValueError("Give a ratio (e.g. '1/4'), swa_layers (e.g. '0,4,8') or a layer map.")
     if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
         raise ValueError(f"window must be a positive number of tokens, got {window!r}.")
-    get_mixer_class(mixer)
+    linear = [name.strip() for name in mixer.split(",")] if isinstance(mixer, str) else list(mixer)
+    if not linear:
+        raise ValueError("mixer names no mixer; give one, e.g. 'gated_deltanet'.")
+    for name in linear:
+        get_mixer_class(name)
+
     if ratio is not None:
         parsed = parse_ratio(ratio)
-        softmax = softmax_layers_for_ratio(num_layers, parsed)
-        ratio_text = str(parsed)
-    else:
+        softmax = softmax_layers_for_ratio(num_layers, parsed, pattern)
+    elif swa_layers is not None:
         softmax = parse_layer_list(swa_layers, num_layers)
-        ratio_text = str(Fraction(len(softmax), num_layers))
-    layers = [SOFTMAX_MIXER if idx in softmax else mixer for idx in range(num_layers)]
-    mixers: dict[str, dict[str, Any]] = {}
-    if softmax:
-        mixers[SOFTMAX_MIXER] = {"window": window}
-    if len(softmax) < num_layers:
-        mixers[mixer] = {**mixers.get(mixer, {}), **(mixer_options or {})}
-    return LayerPlan(layers=layers, mixers=mixers, ratio=ratio_text)
+    if ratio is None and swa_layers is None:
+        names = [KEEP_MIXER] * num_layers
+    else:
+        others = [idx for idx in range(num_layers) if idx not in softmax]
+        names = [SOFTMAX_MIXER] * num_layers
+        for turn, idx in enumerate(others):
+            names[idx] = linear[turn % len(linear)]
+    for idx, name in parse_layer_map(layers, num_layers).items() if layers is not None else ():
+        names[idx] = name
+
+    options = {name: dict(values) for name, values in (options or {}).items()}
+    for name in options:
+        get_mixer_class(name)
+    if SOFTMAX_MIXER in names:
+        options[SOFTMAX_MIXER] = {"window": window, **options.get(SOFTMAX_MIXER, {})}
+    unused = sorted(set(options) - set(names))
+    if unused:
+        raise ValueError(f"options given for mixer(s) {unused} that no layer of the plan uses.")
+    mixers = {name: options.get(name, {}) for name in dict.fromkeys(names)}
+    softmax_count = sum(name in (SOFTMAX_MIXER, KEEP_MIXER) for name in names)
+    return LayerPlan(layers=names, mixers=mixers, ratio=str(Fraction(softmax_count, num_layers)))

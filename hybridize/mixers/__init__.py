@@ -2,6 +2,7 @@
 
 from hybridize.mixers.base import INIT_POLICIES, AttentionSpec, MixerConfig, TokenMixer
 from hybridize.mixers.cache import MixerCacheLayer
+from hybridize.mixers.full_attention import FullAttentionConfig, FullAttentionMixer
 from hybridize.mixers.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetMixer
 from hybridize.mixers.registry import (
     available_mixers,
@@ -15,6 +16,8 @@ from hybridize.mixers.sliding_window import SlidingWindowConfig, SlidingWindowMi
 __all__ = [
     "INIT_POLICIES",
     "AttentionSpec",
+    "FullAttentionConfig",
+    "FullAttentionMixer",
     "GatedDeltaNetConfig",
     "GatedDeltaNetMixer",
     "MixerCacheLayer",

@@ -27,7 +27,6 @@ from hybridize.mixers.registry import register_mixer
 from hybridize.mixers.transfer import check_transfer_shapes, teacher_projections
 
 
-
 @dataclass
 class GatedDeltaNetConfig(MixerConfig):
     """Sizes default to the teacher's: heads = its query heads, head_k_dim = its head_dim, expand_v 2.

@@ -107,7 +107,10 @@ class SlidingWindowMixer(TokenMixer):
             past_valid = getattr(slot, "key_padding", valid[:, :0])
             keys_valid = torch.cat([past_valid, valid], dim=1)[:, -kv_length:]
             slot.key_padding = keys_valid[:, -(self.window - 1) :] if self.window > 1 else valid[:, :0]
-        mask = self._sliding_mask(keys_valid, seen, length, kv_offset, hidden_states)
+        if seen + length <= self.window:
+            mask = attention_mask  # every key is inside the window: the model's causal mask is already right
+        else:
+            mask = self._sliding_mask(keys_valid, seen, length, kv_offset, hidden_states)
         out, _ = self.attention(
             hidden_states=hidden_states,
             attention_mask=mask,

@@ -60,7 +60,9 @@ def test_conversion_leaves_the_teacher_untouched(tiny_teacher):
     teacher, _ = tiny_teacher
     before = {name: p.clone() for name, p in teacher.named_parameters()}
     hybrid, _ = convert(
-        teacher, plan_layers(8, "1/4", mixer_options={"init": "attention_transfer"}), progress=False
+        teacher,
+        plan_layers(8, "1/4", options={"gated_deltanet": {"init": "attention_transfer"}}),
+        progress=False,
     )
     for p in hybrid.parameters():
         p.data.add_(1.0)

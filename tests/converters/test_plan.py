@@ -1,4 +1,4 @@
-"""Layer plans from a softmax ratio or an explicit layer list, and their errors."""
+"""Layer plans: ratios and patterns, explicit layer lists and maps, mixed mixers, and their errors."""
 
 from __future__ import annotations
 
@@ -50,8 +50,10 @@ def test_explicit_swa_layers():
         plan_layers(8, swa_layers="0,8")
     with pytest.raises(ValueError, match="more than once"):
         plan_layers(8, swa_layers="1,1")
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="not both"):
         plan_layers(8, "1/4", swa_layers="0")
+    with pytest.raises(ValueError, match="layer map"):
+        plan_layers(8)
 
 
 @pytest.mark.parametrize("window", [0, -5, 2.5])
@@ -61,10 +63,62 @@ def test_bad_window(window):
 
 
 def test_unknown_mixer_lists_registered_ones():
-    with pytest.raises(ValueError, match="gated_deltanet, sliding_window"):
+    with pytest.raises(ValueError, match="full_attention, gated_deltanet"):
         plan_layers(8, "1/4", mixer="retnet")
 
 
 def test_plan_round_trips_through_dict():
-    plan = plan_layers(8, "1/2", mixer_options={"init": "attention_transfer"})
+    plan = plan_layers(8, "1/2", options={"gated_deltanet": {"init": "attention_transfer"}})
     assert LayerPlan.from_dict(plan.to_dict()) == plan
+
+
+@pytest.mark.parametrize(
+    ("pattern", "softmax_layers"),
+    [("interleave", [0, 4]), ("first", [0, 1]), ("last", [6, 7])],
+)
+def test_patterns(pattern, softmax_layers):
+    assert plan_layers(8, "1/4", pattern=pattern).layers_with("sliding_window") == softmax_layers
+    with pytest.raises(ValueError, match="pattern"):
+        plan_layers(8, "1/4", pattern="middle")
+
+
+def test_several_linear_mixers_take_turns():
+    plan = plan_layers(8, "1/4", mixer="gated_deltanet,mamba2")
+    assert plan.layers == ["sliding_window", "gated_deltanet", "mamba2", "gated_deltanet"] * 2
+    assert set(plan.mixers) == {"sliding_window", "gated_deltanet", "mamba2"}
+
+
+def test_layer_map_alone_keeps_the_other_layers():
+    plan = plan_layers(8, layers="0-3:sliding_window,4:mamba2", window=16)
+    assert plan.layers == ["sliding_window"] * 4 + ["mamba2"] + ["full_attention"] * 3
+    assert plan.mixers["sliding_window"] == {"window": 16}
+    assert plan.ratio == "7/8"
+
+
+def test_layer_map_on_top_of_a_ratio_and_in_other_forms():
+    on_top = plan_layers(8, "1/4", layers={"1": "gla", 5: "full_attention"})
+    assert on_top.layers[:2] == ["sliding_window", "gla"] and on_top.layers[5] == "full_attention"
+    names = ["sliding_window", "gla", "mamba2", "gated_deltanet"] * 2
+    assert plan_layers(8, layers=names).layers == names
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        ("0-3:sliding_window,2:mamba2", "layer 2 is given twice"),
+        ("7-9:mamba2", r"\[8, 9\] are outside"),
+        ("3-1:mamba2", "runs backwards"),
+        ("x:mamba2", "is not 'i' or 'i-j'"),
+        ("0-3", "LAYERS:MIXER"),
+        ("0:retnet", "Unknown mixer 'retnet'"),
+        (["gla"] * 3, "one mixer per layer"),
+    ],
+)
+def test_bad_layer_maps(layers, message):
+    with pytest.raises(ValueError, match=message):
+        plan_layers(8, layers=layers)
+
+
+def test_options_for_unused_mixers_are_rejected():
+    with pytest.raises(ValueError, match="no layer of the plan uses"):
+        plan_layers(8, "1/4", options={"mamba2": {"num_groups": 2}})

@@ -45,7 +45,9 @@ def test_all_linear_generation_equals_uncached_loop(tiny_teacher):
     teacher, processor = tiny_teacher
     torch.manual_seed(0)
     hybrid, _ = convert(
-        teacher, plan_layers(8, "0", mixer_options={"init": "attention_transfer"}), progress=False
+        teacher,
+        plan_layers(8, "0", options={"gated_deltanet": {"init": "attention_transfer"}}),
+        progress=False,
     )
     check_cached_generation_matches(hybrid, processor)
 

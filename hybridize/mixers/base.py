@@ -54,6 +54,8 @@ class TokenMixer(nn.Module):
     Subclasses set `config_class`, build their parameters from a resolved config and an `AttentionSpec`,
     and implement `forward`, `reset_parameters` (the default initialisation, also used by
     `from_pretrained` for missing weights) and `initialize_from_teacher` (the weight-transfer policy).
+    Buffers must be persistent (saved with the weights): `from_pretrained` builds the model on the meta
+    device and does not recompute the non-persistent buffers of modules it does not know.
     """
 
     name: ClassVar[str] = ""

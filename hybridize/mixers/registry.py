@@ -38,7 +38,10 @@ def available_mixers() -> list[str]:
 
 def get_mixer_class(name: str) -> type[TokenMixer]:
     if name not in _MIXERS:
-        raise ValueError(f"Unknown mixer {name!r}; registered mixers: {', '.join(available_mixers())}.")
+        raise ValueError(
+            f"Unknown mixer {name!r}; registered mixers: {', '.join(available_mixers())}. A custom mixer must be "
+            "registered (@register_mixer) before a plan or checkpoint that names it is used: import its module."
+        )
     return _MIXERS[name]
 
 

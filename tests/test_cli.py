@@ -80,9 +80,10 @@ def not_a_model(tmp_path):
 
 
 def unsupported_model(tmp_path):
-    (tmp_path / "bert").mkdir()
-    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    return str(tmp_path / "bert")
+    (tmp_path / "gpt2").mkdir()
+    config = {"model_type": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2}
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps(config))
+    return str(tmp_path / "gpt2")
 
 
 BAD_INPUTS = [
@@ -90,11 +91,25 @@ BAD_INPUTS = [
     (["--ratio", "-1"], "between 0 and 1"),
     (["--ratio", "abc"], "not a number"),
     (["--ratio", "1/4", "--window", "0"], "--window must be a positive"),
-    (["--ratio", "1/4", "--mixer", "retnet"], "registered mixers: gated_deltanet, sliding_window"),
+    (
+        ["--ratio", "1/4", "--mixer", "retnet"],
+        "registered mixers: full_attention, gated_deltanet, gla, mamba2",
+    ),
     (["--ratio", "1/4", "--init", "random"], "--init 'random'"),
     (["--ratio", "1/4", "--dtype", "int8"], "dtype 'int8'"),
     (["--swa-layers", "0,99"], "outside the model's layers"),
-    ([], "give --ratio"),
+    ([], "Give a ratio"),
+    (["--layers", "0-3:sliding_window,2:mamba2"], "layer 2 is given twice"),
+    (["--layers", "0-9:mamba2"], "[8, 9] are outside the model's layers 0..7"),
+    (["--layers", "missing.yaml"], "--layers file 'missing.yaml' does not exist"),
+    (["--ratio", "1/4", "--option", "expand_v=1"], "is not MIXER.KEY=VALUE"),
+    (["--ratio", "1/4", "--option", "gated_deltanet.heads=2"], "Unknown option(s) ['heads']"),
+    (["--ratio", "1/4", "--option", "mamba2.num_groups=2"], "no layer of the plan uses"),
+    (["--ratio", "1/4", "--mixer", "mamba2", "--option", "mamba2.num_groups=3"], "num_groups"),
+    (
+        ["--ratio", "1/4", "--init", "attention_transfer", "--option", "gated_deltanet.num_heads=2"],
+        "mixer 'gated_deltanet' (layers [1, 2, 3, 5, 6, 7]): gated_deltanet init='attention_transfer' needs num_heads == 4",
+    ),
 ]
 
 
@@ -114,7 +129,10 @@ def test_bad_convert_arguments_fail_before_writing(tmp_path, capsys, args, messa
     [
         (lambda tmp: str(tmp / "does-not-exist"), "is not a directory"),
         (not_a_model, "no config.json"),
-        (unsupported_model, "'bert' model; hybridize converts qwen2_5_vl"),
+        (
+            unsupported_model,
+            "(gpt2) cannot be converted: The decoder of GPT2LMHeadModel (GPT2Model) has no `layers`",
+        ),
     ],
 )
 def test_bad_base_models(tmp_path, capsys, base, message):
@@ -140,3 +158,32 @@ def test_inspect_and_generate_reject_non_hybrids(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(verb)
         assert "config.json" in capsys.readouterr().err
+
+
+def test_convert_with_a_layer_map_several_mixers_and_options(tmp_path):
+    layers = tmp_path / "layers.yaml"
+    layers.write_text(
+        "\n".join(f"- {name}" for name in ["sliding_window", "mamba2", "gla", "gated_deltanet"] * 2)
+    )
+    out = tmp_path / "mixed"
+    args = ["convert", "--base", "tiny-llama", "--layers", str(layers), "--window", "8"]
+    args += ["--option", "gated_deltanet.expand_v=1", "--init", "mimic", "--out", str(out)]
+    assert main(args) == 0
+    plan = json.loads((out / "config.json").read_text())["hybridize"]
+    assert plan["layers"] == ["sliding_window", "mamba2", "gla", "gated_deltanet"] * 2
+    assert plan["mixers"]["gated_deltanet"]["expand_v"] == 1
+    assert plan["mixers"]["mamba2"]["init"] == plan["mixers"]["gla"]["init"] == "mimic"
+    assert plan["mixers"]["sliding_window"]["window"] == 8
+
+
+def test_mixers_lists_options_and_compute_paths(capsys):
+    assert main(["mixers"]) == 0
+    out = capsys.readouterr().out
+    for name in ("gated_deltanet", "mamba2", "gla", "sliding_window", "full_attention"):
+        assert f"{name}  (" in out
+    assert "torch (reference)" in out and "expand_v=2.0" in out
+    assert main(["mixers", "--json"]) == 0
+    described = {mixer["name"]: mixer for mixer in json.loads(capsys.readouterr().out)}
+    assert described["gated_deltanet"]["options"]["num_heads"] == "from teacher"
+    assert described["mamba2"]["compute_paths"]["torch (reference)"] is True
+    assert set(described["mamba2"]["compute_paths"]) == {"torch (reference)", "mamba_ssm", "fla"}

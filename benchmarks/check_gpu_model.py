@@ -44,7 +44,7 @@ def check_tiny_generation(device) -> dict:
     inputs = {key: value.to(device) for key, value in inputs.items()}
     steps = 12
     with torch.no_grad():
-        cached = hybrid.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+        cached = hybrid.generate(**inputs, max_new_tokens=steps, do_sample=False)
     uncached = greedy_decode_without_cache(hybrid, inputs, steps)
     new = slice(inputs["input_ids"].shape[1], None)
     return {

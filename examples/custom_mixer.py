@@ -118,7 +118,7 @@ def main() -> None:
     inputs = processor(text=["hello retention"], return_tensors="pt")
     inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
     with torch.no_grad():
-        cached = hybrid.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        cached = hybrid.generate(**inputs, max_new_tokens=8, do_sample=False)
     uncached = greedy_decode_without_cache(hybrid, inputs, 8)
     print("generated token ids:", cached[0, inputs["input_ids"].shape[1] :].tolist())
     assert torch.equal(cached, uncached), "cached generation must match the uncached argmax loop"

@@ -4,6 +4,8 @@ from hybridize.mixers.base import INIT_POLICIES, AttentionSpec, MixerConfig, Tok
 from hybridize.mixers.cache import MixerCacheLayer, mixer_cache_layer
 from hybridize.mixers.full_attention import FullAttentionConfig, FullAttentionMixer
 from hybridize.mixers.gated_deltanet import GatedDeltaNetConfig, GatedDeltaNetMixer
+from hybridize.mixers.gla import GLAConfig, GLAMixer
+from hybridize.mixers.mamba2 import Mamba2Config, Mamba2Mixer
 from hybridize.mixers.masks import key_padding_mask
 from hybridize.mixers.registry import (
     available_mixers,
@@ -22,6 +24,10 @@ __all__ = [
     "FullAttentionMixer",
     "GatedDeltaNetConfig",
     "GatedDeltaNetMixer",
+    "GLAConfig",
+    "GLAMixer",
+    "Mamba2Config",
+    "Mamba2Mixer",
     "MixerCacheLayer",
     "MixerConfig",
     "SlidingWindowConfig",

@@ -50,9 +50,7 @@ def test_converts_generates_and_reloads(model_type, mixer, tmp_path):
     # float64, so that chunked (prefill) and recurrent (decode) rounding cannot flip a near-tie argmax.
     double = hybrid.double()
     with torch.no_grad():
-        cached = double.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
-        )
+        cached = double.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.equal(cached, greedy_decode_without_cache(double, inputs, NEW_TOKENS))
 
     hybrid = hybrid.float()
@@ -79,9 +77,7 @@ def test_mixed_plan_converts_generates_and_reloads(model_type, tmp_path):
     inputs = left_padded_batch()
     double = hybrid.double()
     with torch.no_grad():
-        cached = double.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
-        )
+        cached = double.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.equal(cached, greedy_decode_without_cache(double, inputs, NEW_TOKENS))
     save_hybrid(hybrid.float(), tmp_path / "mixed")
     reloaded = hybridize.load(tmp_path / "mixed")

@@ -84,7 +84,8 @@ def test_patterns(pattern, softmax_layers):
 
 def test_several_linear_mixers_take_turns():
     plan = plan_layers(8, "1/4", mixer="gated_deltanet,mamba2")
-    assert plan.layers == ["sliding_window", "gated_deltanet", "mamba2", "gated_deltanet"] * 2
+    swa, gdn, mamba2 = "sliding_window", "gated_deltanet", "mamba2"
+    assert plan.layers == [swa, gdn, mamba2, gdn, swa, mamba2, gdn, mamba2]
     assert set(plan.mixers) == {"sliding_window", "gated_deltanet", "mamba2"}
 
 

@@ -30,9 +30,7 @@ def check_cached_generation_matches(model, processor):
     inputs = left_padded_image_batch(processor)
     inputs["pixel_values"] = inputs["pixel_values"].double()
     with torch.no_grad():
-        cached = model.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS
-        )
+        cached = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
     expected = greedy_decode_without_cache(model, inputs, NEW_TOKENS)
     assert torch.equal(cached, expected)
 

@@ -7,9 +7,17 @@ from hybridize.mixers.ops.gated_delta_rule import (
     l2norm,
     recurrent_gated_delta_rule_torch,
 )
+from hybridize.mixers.ops.gla import chunk_gla_torch, gla, recurrent_gla_torch
+from hybridize.mixers.ops.ssd import ssd, ssd_chunk_torch, ssd_recurrent_torch
 
 __all__ = [
     "available_backends",
+    "chunk_gla_torch",
+    "gla",
+    "recurrent_gla_torch",
+    "ssd",
+    "ssd_chunk_torch",
+    "ssd_recurrent_torch",
     "chunk_gated_delta_rule_torch",
     "fla_available",
     "gated_delta_rule",

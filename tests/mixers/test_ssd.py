@@ -160,12 +160,6 @@ def test_dispatcher_picks_modes_and_checks_arguments():
         ssd(x, dt, A, Bm, Cm, backend="mamba_ssm")
 
 
-def fla_refuses_gated_backward() -> bool:
-    from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
-
-    return IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels need a CUDA device")
 class TestKernels:
     """bf16 kernels against the fp32 reference on the same inputs, with fla's own test tolerances."""
@@ -207,10 +201,6 @@ class TestKernels:
         out, state = run(inputs, backend)
         assert relative_rms(ref_out, out) < 0.005
         assert relative_rms(ref_state, state) < 0.005
-        if backend == "fla" and fla_refuses_gated_backward():
-            pytest.skip(
-                "fla refuses simple GLA's backward on Hopper with Triton 3.4 to 3.7.0 (fla issue #640)"
-            )
         for result in (ref_out, out):
             (result.float() * grad_out).sum().backward()
         names = ("x", "dt", "A", "B", "C")

@@ -218,8 +218,26 @@ def _ssd_mamba_ssm(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode)
     return y.to(x.dtype), (state if output_final_state else None)
 
 
+def fla_simple_gla_backward_broken() -> bool:
+    """fla refuses simple GLA's backward on Hopper with Triton 3.4 to 3.7.0 (wrong gradients, fla issue
+    #640), and its TileLang fallback does not take simple GLA's fp32 states."""
+    from fla import utils
+
+    hopper, triton_3_4 = (
+        getattr(utils, "IS_NVIDIA_HOPPER", False),
+        getattr(utils, "TRITON_ABOVE_3_4_0", False),
+    )
+    return hopper and triton_3_4 and not getattr(utils, "TRITON_ABOVE_3_7_1", True)
+
+
 def _ssd_fla(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode):
-    """fla's simple GLA under q = C, k = dt B (both expanded from groups to heads), v = x, g = dt A, scale 1."""
+    """fla's simple GLA under q = C, k = dt B (both expanded from groups to heads), v = x, g = dt A, scale 1.
+
+    Where fla refuses simple GLA's backward (Hopper, Triton < 3.7.1) and gradients are needed, the same
+    scan runs as GLA with the per-head decay broadcast over the key dimension: identical math, whose
+    backward fla computes with its own (unaffected) kernels.
+    """
+    from fla.ops.gla import chunk_gla
     from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 
     heads = x.shape[2]
@@ -228,14 +246,29 @@ def _ssd_fla(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode):
     dtype = x.dtype if mode == "chunk" else compute_dtype(x)
     q = _heads_from_groups(Cm, heads).to(dtype)
     k = (_heads_from_groups(Bm, heads) * dt[..., None]).to(dtype)
-    kernel = chunk_simple_gla if mode == "chunk" else fused_recurrent_simple_gla
-    y, state = kernel(
-        q=q,
-        k=k,
-        v=x.to(dtype),
-        g=(dt * A).float(),
-        scale=1.0,
-        initial_state=None if initial_state is None else initial_state.float(),
-        output_final_state=output_final_state,
-    )
+    g = (dt * A).float()  # (B, T, H) log decay
+    initial_state = None if initial_state is None else initial_state.float()
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, Bm, Cm))
+    if mode == "chunk" and needs_grad and fla_simple_gla_backward_broken():
+        gk = g[..., None].expand(*g.shape, q.shape[-1]).contiguous()  # (B, T, H, N)
+        y, state = chunk_gla(
+            q=q,
+            k=k,
+            v=x.to(dtype),
+            g=gk,
+            scale=1.0,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+        )
+    else:
+        kernel = chunk_simple_gla if mode == "chunk" else fused_recurrent_simple_gla
+        y, state = kernel(
+            q=q,
+            k=k,
+            v=x.to(dtype),
+            g=g,
+            scale=1.0,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+        )
     return _add_skip(y.to(compute_dtype(x)), x, D).to(x.dtype), state

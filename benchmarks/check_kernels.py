@@ -229,8 +229,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
-    parser.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=list(MIXERS))
+    parser.add_argument("--ops", nargs="*", default=list(OPS), choices=list(OPS))
+    parser.add_argument("--mixers", nargs="*", default=list(MIXERS), choices=list(MIXERS))
     args = parser.parse_args()
     if not fla_available():
         raise SystemExit(
@@ -243,12 +243,14 @@ def main() -> None:
         for op in args.ops:
             start = time.perf_counter()
             ops[op] = check_op(op, args.length, device)
-            section_seconds[op] = round(time.perf_counter() - start, 2)
+            section_seconds[f"op:{op}"] = round(time.perf_counter() - start, 2)
+            print(op, section_seconds[f"op:{op}"], "s", json.dumps(ops[op]), flush=True)
         for name in args.mixers:
             start = time.perf_counter()
             mixers[name] = check_mixer(name, args.length, device)
             timing[name] = time_layer(name, 8192, device)
-            section_seconds[name] = round(time.perf_counter() - start, 2)
+            section_seconds[f"mixer:{name}"] = round(time.perf_counter() - start, 2)
+            print(name, section_seconds[f"mixer:{name}"], "s", mixers[name], timing[name], flush=True)
     seen = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
     for line in seen:
         print("warning:", line, flush=True)

@@ -19,7 +19,7 @@ from torch import nn
 
 import hybridize
 from hybridize.inference.chat import greedy_decode_without_cache
-from hybridize.mixers import INIT_POLICIES, key_padding_mask, mixer_cache_layer, teacher_projections
+from hybridize.mixers import INIT_POLICIES, teacher_projections
 
 
 @dataclass
@@ -76,10 +76,10 @@ class RetentionMixer(hybridize.TokenMixer):
 
     def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
         batch, length, _ = hidden_states.shape
-        valid = key_padding_mask(attention_mask, length)  # (B, T) or None; generate() pads on the left
-        if valid is not None:
-            hidden_states = hidden_states * valid[..., None].to(hidden_states.dtype)
-        cache = mixer_cache_layer(past_key_values, self.layer_idx)  # None without a cache
+        # Padded positions (generate() pads on the left) get zero inputs; the cache slot holds our state.
+        hidden_states, valid, cache, states = self.begin_recurrent_forward(
+            hidden_states, attention_mask, past_key_values
+        )
 
         def heads(x):  # (B, T, H*D) -> (B, H, T, D), in fp32 at least
             x = x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
@@ -94,7 +94,7 @@ class RetentionMixer(hybridize.TokenMixer):
         out = (q @ k.transpose(-1, -2) * decay) @ v  # (B, H, T, D)
 
         if cache is not None:
-            state = cache.states.get("state")  # (B, H, D, D): what earlier forwards left
+            state = states.get("state")  # (B, H, D, D): what earlier forwards left
             if state is not None:
                 out = out + (q * (log_gamma * (steps + 1)).exp()[..., None]) @ state
             else:

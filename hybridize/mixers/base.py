@@ -15,6 +15,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from hybridize.mixers.cache import mixer_cache_layer
+from hybridize.mixers.masks import key_padding_mask
+
 INIT_POLICIES = ("mimic", "attention_transfer")
 
 
@@ -97,6 +100,20 @@ class TokenMixer(nn.Module):
     def initialize_from_teacher(self, teacher_attention: nn.Module, policy: str) -> None:
         """Initialise from the teacher attention module this mixer replaces, following `policy`."""
         raise NotImplementedError
+
+    def begin_recurrent_forward(self, hidden_states, attention_mask, past_key_values):
+        """The common start of a recurrent mixer's forward: recover padding from the attention mask and zero
+        the padded positions' inputs, and find this layer's state slot in the cache.
+
+        Returns (hidden_states, valid (B, T) bool or None when nothing is padded, cache slot or None, its
+        states dict, empty without a cache). The mixer must also neutralise its decay/write at invalid
+        positions, so that (left) padding leaves its states exactly as without it.
+        """
+        valid = key_padding_mask(attention_mask, hidden_states.shape[1])
+        if valid is not None:
+            hidden_states = hidden_states * valid[..., None].to(hidden_states.dtype)
+        cache = mixer_cache_layer(past_key_values, self.layer_idx)
+        return hidden_states, valid, cache, (cache.states if cache is not None else {})
 
     @classmethod
     def configure_natively(cls, text_config: Any, layer_idx: int, config: MixerConfig) -> bool:

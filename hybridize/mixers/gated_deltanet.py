@@ -17,8 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridize.mixers.base import INIT_POLICIES, AttentionSpec, MixerConfig, TokenMixer
-from hybridize.mixers.cache import mixer_cache_layer
-from hybridize.mixers.masks import key_padding_mask
 from hybridize.mixers.modules import GatedRMSNorm, ShortConvolution
 from hybridize.mixers.ops.backends import check_backend
 from hybridize.mixers.ops.dtypes import compute_dtype
@@ -171,12 +169,10 @@ class GatedDeltaNetMixer(TokenMixer):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         batch, length, _ = hidden_states.shape
-        valid = key_padding_mask(attention_mask, length)
-        if valid is not None:
-            # Zeroed inputs with beta = 0 and g = 0 leave conv and recurrent states exactly as unpadded.
-            hidden_states = hidden_states * valid[..., None].to(hidden_states.dtype)
-        cache = mixer_cache_layer(past_key_values, self.layer_idx)
-        states = cache.states if cache is not None else {}
+        # Zeroed inputs with beta = 0 and g = 0 leave conv and recurrent states exactly as unpadded.
+        hidden_states, valid, cache, states = self.begin_recurrent_forward(
+            hidden_states, attention_mask, past_key_values
+        )
 
         q, conv_q = self.q_conv1d(self.q_proj(hidden_states), states.get("conv_q"))
         k, conv_k = self.k_conv1d(self.k_proj(hidden_states), states.get("conv_k"))

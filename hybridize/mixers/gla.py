@@ -17,8 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridize.mixers.base import INIT_POLICIES, AttentionSpec, MixerConfig, TokenMixer
-from hybridize.mixers.cache import mixer_cache_layer
-from hybridize.mixers.masks import key_padding_mask
 from hybridize.mixers.modules import GatedRMSNorm, ShortConvolution
 from hybridize.mixers.ops.backends import check_backend
 from hybridize.mixers.ops.dtypes import compute_dtype
@@ -152,13 +150,11 @@ class GLAMixer(TokenMixer):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         batch, length, _ = hidden_states.shape
-        valid = key_padding_mask(attention_mask, length)
-        if valid is not None:
-            # Zeroed inputs give k = 0 (nothing written) and zero conv inputs; with gk = 0 below nothing decays
-            # either, so left padding leaves the conv and recurrent states exactly as without it.
-            hidden_states = hidden_states * valid[..., None].to(hidden_states.dtype)
-        cache = mixer_cache_layer(past_key_values, self.layer_idx)
-        states = cache.states if cache is not None else {}
+        # Zeroed inputs give k = 0 (nothing written) and zero conv inputs; with gk = 0 below nothing decays
+        # either, so left padding leaves the conv and recurrent states exactly as without it.
+        hidden_states, valid, cache, states = self.begin_recurrent_forward(
+            hidden_states, attention_mask, past_key_values
+        )
 
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         if self.config.use_short_conv:

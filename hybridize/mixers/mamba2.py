@@ -18,8 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridize.mixers.base import INIT_POLICIES, AttentionSpec, MixerConfig, TokenMixer
-from hybridize.mixers.cache import mixer_cache_layer
-from hybridize.mixers.masks import key_padding_mask
 from hybridize.mixers.modules import GatedRMSNorm, ShortConvolution
 from hybridize.mixers.ops.backends import check_backend
 from hybridize.mixers.ops.dtypes import compute_dtype
@@ -97,24 +95,6 @@ class Mamba2Config(MixerConfig):
         return resolved
 
 
-class GroupedGatedRMSNorm(GatedRMSNorm):
-    """mamba-ssm's gated RMSNorm with groups: RMSNorm(y * silu(z)) with the mean square taken over each group
-    of H*P/G channels, and one weight per channel, as mamba-ssm's `RMSNormGated(group_size=...)` and
-    transformers' `MambaRMSNormGated` store it. (GatedRMSNorm normalises the whole last dimension.)
-    """
-
-    def __init__(self, dim: int, eps: float, group_size: int):
-        super().__init__(dim, eps, norm_before_gate=False)
-        self.group_size = group_size
-
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.to(compute_dtype(x)) * F.silu(gate.to(compute_dtype(x)))
-        # (..., H*P) -> (..., G, H*P/G): one mean square per group
-        x = F.rms_norm(x.unflatten(-1, (-1, self.group_size)), (self.group_size,), eps=self.eps).flatten(-2)
-        return (self.weight.to(x.dtype) * x).to(dtype)
-
-
 @register_mixer("mamba2")
 class Mamba2Mixer(TokenMixer):
     config_class = Mamba2Config
@@ -137,7 +117,13 @@ class Mamba2Mixer(TokenMixer):
         self.D = nn.Parameter(torch.empty(self.num_heads))
         for parameter in (self.dt_bias, self.A_log, self.D):
             parameter._no_weight_decay = True
-        self.norm = GroupedGatedRMSNorm(self.inner_size, config.norm_eps, self.inner_size // self.num_groups)
+        # mamba-ssm's norm: RMSNorm(y * silu(z)) over each group of heads, one weight per channel
+        self.norm = GatedRMSNorm(
+            self.inner_size,
+            config.norm_eps,
+            norm_before_gate=False,
+            group_size=self.inner_size // self.num_groups,
+        )
         self.out_proj = nn.Linear(self.inner_size, spec.hidden_size, bias=False)
         self.reset_parameters()
 
@@ -187,13 +173,11 @@ class Mamba2Mixer(TokenMixer):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         batch, length, _ = hidden_states.shape
-        valid = key_padding_mask(attention_mask, length)
-        if valid is not None:
-            # Zeroed inputs give zero conv inputs, and dt = 0 leaves the SSM state untouched: both states end
-            # exactly as without the (left) padding.
-            hidden_states = hidden_states * valid[..., None].to(hidden_states.dtype)
-        cache = mixer_cache_layer(past_key_values, self.layer_idx)
-        states = cache.states if cache is not None else {}
+        # Zeroed inputs give zero conv inputs, and dt = 0 leaves the SSM state untouched: both states end
+        # exactly as without the (left) padding.
+        hidden_states, valid, cache, states = self.begin_recurrent_forward(
+            hidden_states, attention_mask, past_key_values
+        )
 
         group_dim = self.num_groups * self.state_size
         # (B, T, hidden) -> z (B, T, H*P), xBC (B, T, H*P + 2*G*N), dt (B, T, H)

@@ -44,24 +44,27 @@ class ShortConvolution(nn.Conv1d):
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm over the last dimension (one head or group) combined with a silu(gate).
+    """RMSNorm combined with a silu(gate), one weight per channel.
 
     norm_before_gate=True: RMSNorm(x) * silu(gate) (fla's FusedRMSNormGated, Gated DeltaNet and GLA);
-    False: RMSNorm(x * silu(gate)) (mamba-ssm's RMSNormGated, Mamba-2).
+    False: RMSNorm(x * silu(gate)) (mamba-ssm's RMSNormGated, Mamba-2). The mean square is taken over each
+    group of `group_size` channels (default: the whole last dimension), as mamba-ssm's `group_size`.
     """
 
-    def __init__(self, dim: int, eps: float, norm_before_gate: bool = True):
+    def __init__(self, dim: int, eps: float, norm_before_gate: bool = True, group_size: int | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.norm_before_gate = norm_before_gate
+        self.group_size = group_size or dim
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x, gate = x.to(compute_dtype(x)), F.silu(gate.to(compute_dtype(x)))
         if not self.norm_before_gate:
             x = x * gate
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        # (..., D) -> (..., D / group_size, group_size): one mean square per group
+        x = F.rms_norm(x.unflatten(-1, (-1, self.group_size)), (self.group_size,), eps=self.eps).flatten(-2)
         if self.norm_before_gate:
             x = x * gate
         return (self.weight.to(x.dtype) * x).to(dtype)

@@ -68,3 +68,15 @@ def check_backend(backend: str, kernels: tuple[str, ...], mixer: str) -> None:
     choices = ("auto", "torch", *kernels)
     if backend not in choices:
         raise ValueError(f"{mixer} backend={backend!r} is not one of {choices}.")
+
+
+def choose_mode(mode: str, backend: str, length: int, *tensors: torch.Tensor) -> str:
+    """ "chunk" or "recurrent" for a scan over `length` tokens. "auto": the recurrent form for decode-sized
+    inputs that need no gradient (one token on torch, up to 64 on fla's fused kernels), chunked otherwise."""
+    if mode == "auto":
+        short = length <= 64 if backend == "fla" else length == 1
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        return "recurrent" if short and not needs_grad else "chunk"
+    if mode not in ("chunk", "recurrent"):
+        raise ValueError(f"mode={mode!r} is not one of 'auto', 'chunk', 'recurrent'.")
+    return mode

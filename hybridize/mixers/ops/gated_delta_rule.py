@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybridize.mixers.ops.backends import resolve_backend
+from hybridize.mixers.ops.backends import choose_mode, resolve_backend
 from hybridize.mixers.ops.dtypes import compute_dtype
 
 L2NORM_EPS = 1e-6  # fla's l2norm epsilon
@@ -140,11 +140,7 @@ def gated_delta_rule(
     """
     backend = resolve_backend(backend, q.device, "gated_delta_rule")
     length = q.shape[1]
-    if mode == "auto":
-        short = length <= 64 if backend == "fla" else length == 1
-        mode = "recurrent" if short and not (torch.is_grad_enabled() and q.requires_grad) else "chunk"
-    if mode not in ("chunk", "recurrent"):
-        raise ValueError(f"mode={mode!r} is not one of 'auto', 'chunk', 'recurrent'.")
+    mode = choose_mode(mode, backend, length, q, k, v, g, beta)
     if initial_state is not None:
         initial_state = initial_state.to(compute_dtype(v))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hybridize.mixers.ops.backends import resolve_backend
+from hybridize.mixers.ops.backends import choose_mode, resolve_backend
 from hybridize.mixers.ops.dtypes import compute_dtype
 
 MAMBA_CHUNK_SIZE = 256  # mamba-ssm's Mamba2 default; its kernels are tuned for it
@@ -145,12 +145,7 @@ def ssd(
     """
     backend = resolve_backend(backend, x.device, "ssd", kernels=("mamba_ssm", "fla"))
     length = x.shape[1]
-    if mode == "auto":
-        short = length <= 64 if backend == "fla" else length == 1
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, Bm, Cm))
-        mode = "recurrent" if short and not needs_grad else "chunk"
-    if mode not in ("chunk", "recurrent"):
-        raise ValueError(f"mode={mode!r} is not one of 'auto', 'chunk', 'recurrent'.")
+    mode = choose_mode(mode, backend, length, x, dt, A, Bm, Cm)
     if initial_state is not None:
         initial_state = initial_state.to(compute_dtype(x))
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hybridize.converters.discovery import ATTENTION_ATTRIBUTE, attention_spec, find_decoder_layout
+from hybridize.converters.discovery import attention_spec, find_decoder_layout
 from hybridize.converters.hybrid_model import PLAN_KEY, hybrid_config_class, hybrid_model_class
 from hybridize.converters.plan import LayerPlan
 from hybridize.mixers.registry import get_mixer_class, mixer_config
@@ -115,10 +115,13 @@ def convert(
         hybrid = hybrid_model_class(type(model))._from_config(config, dtype=parameter.dtype)
 
     converted = [idx for idx in range(len(plan.layers)) if idx not in stored.native_layers]
-    replaced = _converted_prefixes(converted)
-    kept = {key: value for key, value in model.state_dict().items() if not any(p in key for p in replaced)}
+    # The converted attention modules' own state-dict prefixes: a name pattern such as "layers.N.self_attn."
+    # would also match a vision tower's encoder layers (LLaVA's CLIP) and silently drop their weights.
+    module_names = {id(module): name for name, module in model.named_modules()}
+    replaced = tuple(f"{module_names[id(layout.attention(idx))]}." for idx in converted)
+    kept = {key: value for key, value in model.state_dict().items() if not key.startswith(replaced)}
     missing, unexpected = hybrid.load_state_dict(kept, strict=False)
-    stray = [key for key in missing + unexpected if not any(p in key for p in replaced)]
+    stray = [key for key in missing + unexpected if not key.startswith(replaced)]
     if stray:  # keys may only differ inside converted attention modules; anything else is a surgery bug
         raise RuntimeError(f"Conversion changed weights outside the converted attention modules: {stray[:8]}")
     hybrid_buffers = dict(hybrid.named_buffers())
@@ -141,7 +144,3 @@ def convert(
     hybrid.train(model.training)
     hybrid.generation_config = copy.deepcopy(model.generation_config)
     return hybrid, report
-
-
-def _converted_prefixes(layers: list[int]) -> tuple[str, ...]:
-    return tuple(f"layers.{idx}.{ATTENTION_ATTRIBUTE}." for idx in layers)

@@ -6,12 +6,15 @@ import functools
 
 import pytest
 import torch
+from transformers import Qwen2VLImageProcessorPil
 
 import hybridize
 from hybridize.converters import TESTED_MODEL_TYPES, convert, plan_layers, save_hybrid
 from hybridize.converters.checkpoint import base_layer_specs
 from hybridize.inference.chat import greedy_decode_without_cache
-from hybridize.presets import TINY_CONFIGS, tiny_model
+from hybridize.mixers import TokenMixer
+from hybridize.presets import SPECIAL_TOKEN_IDS, TINY_CONFIGS, tiny_model
+from tests.conftest import make_image
 
 LAYERS = 4
 MIXERS = ["gated_deltanet", "mamba2", "gla", "sliding_window", "full_attention"]
@@ -84,6 +87,63 @@ def test_mixed_plan_converts_generates_and_reloads(model_type, tmp_path):
     assert reloaded.config.hybridize["layers"] == ["sliding_window", "gated_deltanet", "mamba2", "gla"]
     with torch.no_grad():
         assert torch.equal(hybrid(**inputs).logits, reloaded(**inputs).logits)
+
+
+@pytest.mark.parametrize("model_type", TESTED_MODEL_TYPES)
+def test_conversion_copies_every_weight_outside_the_converted_attention(model_type):
+    model = teacher(model_type)
+    hybrid = convert_seeded(model, plan_layers(LAYERS, "1/4", mixer="gated_deltanet", window=4))
+    converted = {f"{name}." for name, module in hybrid.named_modules() if isinstance(module, TokenMixer)}
+    ours = hybrid.state_dict()
+    copied = {key: value for key, value in model.state_dict().items() if not key.startswith(tuple(converted))}
+    assert len(copied) < len(model.state_dict())
+    for key, value in copied.items():  # vision towers included (LLaVA's CLIP also has layers.N.self_attn)
+        assert torch.equal(ours[key], value), key
+
+
+def image_inputs(model_type: str) -> dict:
+    """A left-padded batch of two prompts with one small image each, in the family's own input format."""
+    image = make_image(1)
+    if model_type == "llava":  # CLIP, 28x28 pixels in 14x14 patches: 4 image tokens (CLS dropped)
+        tokens = 4
+        pixels = {"pixel_values": torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))}
+    else:  # Qwen-VL: patches of 14 (16 on Qwen3-VL) merged 2x2
+        patch = 16 if model_type == "qwen3_vl" else 14
+        processor = Qwen2VLImageProcessorPil(
+            size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112},
+            patch_size=patch,
+            temporal_patch_size=2,
+            merge_size=2,
+        )
+        pixels = dict(processor(images=[image, image], return_tensors="pt"))
+        tokens = int(pixels["image_grid_thw"][0].prod()) // 4
+    pad, image_pad, start, end = (
+        SPECIAL_TOKEN_IDS[t] for t in ("<|endoftext|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>")
+    )
+    rows = [
+        [5, 6, start] + [image_pad] * tokens + [end, 7, 8],
+        [pad] * 3 + [9, start] + [image_pad] * tokens + [end],
+    ]
+    input_ids = torch.tensor(rows)
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels}
+    inputs["attention_mask"][1, :3] = 0
+    if model_type != "llava":
+        inputs["mm_token_type_ids"] = (input_ids == image_pad).long()
+    return inputs
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "llava"])
+def test_vision_language_families_generate_from_images(model_type):
+    plan = plan_layers(LAYERS, layers="0:sliding_window,1:gated_deltanet,2:mamba2,3:gla", window=4)
+    hybrid = convert_seeded(teacher(model_type), plan).double()
+    inputs = image_inputs(model_type)
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    with torch.no_grad():
+        cached = hybrid.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+        blank = hybrid(**{**inputs, "pixel_values": torch.zeros_like(inputs["pixel_values"])}).logits
+        seen = hybrid(**inputs).logits
+    assert torch.equal(cached, greedy_decode_without_cache(hybrid, inputs, NEW_TOKENS))
+    assert not torch.allclose(blank, seen)  # the image reaches the language model
 
 
 def test_unconvertible_models_say_what_is_missing():

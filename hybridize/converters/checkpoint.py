@@ -119,6 +119,7 @@ def load_base_model(base: str, *, dtype: str | torch.dtype | None = None, device
     embedded = embedded_models()
     if base in embedded:
         model, processor = embedded[base][1]()
+        model.name_or_path = base  # recorded as the hybrid's base model
         return model.to(device=device or "cpu", dtype=dtype or model.dtype), processor
     config = load_base_config(base)
     source = resolve_base(base)

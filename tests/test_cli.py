@@ -30,7 +30,11 @@ def test_convert_writes_a_loadable_hybrid(converted, capsys):
 def test_inspect_prints_the_plan(converted, capsys):
     assert main(["inspect", str(converted)]) == 0
     out = capsys.readouterr().out
-    assert "hybrid_qwen2_5_vl (from tiny-qwen2.5-vl)" in out and "gated_deltanet" in out and '"window": 16' in out
+    assert (
+        "hybrid_qwen2_5_vl (from tiny-qwen2.5-vl)" in out
+        and "gated_deltanet" in out
+        and '"window": 16' in out
+    )
 
 
 def test_generate_with_an_image(converted, tmp_path, capsys):

@@ -1,0 +1,123 @@
+"""The teacher inside the student: distillation without a second copy of the shared weights.
+
+A hybrid keeps every teacher weight except the attention of its converted layers. Putting each of those
+attention modules back beside the mixer that replaced it (`DistilledLayer`) turns the hybrid itself into
+the teacher: with every converted layer in "teacher" mode its forward is the teacher's forward, and the
+embeddings, MLPs, norms, vision tower and head exist once. Modes:
+
+- "teacher": the layer returns the teacher attention's output (the whole model is the teacher);
+- "student": the layer returns the mixer's output (the whole model is the hybrid);
+- "layerwise": the layer returns the teacher's output, so every later layer sees the teacher's activations,
+  and records the mixer's MSE against it on the same input (stage 1a).
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from hybridize.converters.discovery import find_decoder_layout
+from hybridize.converters.hybrid_model import layer_plan
+from hybridize.mixers.base import TokenMixer
+from hybridize.mixers.masks import key_padding_mask
+
+MODES = ("teacher", "student", "layerwise")
+
+
+class DistilledLayer(nn.Module):
+    """A converted layer's mixer (`student`, trainable) beside the frozen teacher attention it replaced."""
+
+    def __init__(self, student: TokenMixer, teacher: nn.Module):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.mode = "student"
+        self.loss: torch.Tensor | None = None
+
+    def train(self, mode: bool = True) -> DistilledLayer:
+        super().train(mode)
+        self.teacher.eval()  # the teacher never drops out (Lightning notes these modules in eval mode)
+        return self
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, None]:
+        if self.mode == "student":
+            return self.student(hidden_states, **kwargs)
+        with torch.no_grad():
+            target = self.teacher(hidden_states=hidden_states, **kwargs)[0]
+        if self.mode == "layerwise":
+            valid = key_padding_mask(kwargs.get("attention_mask"), hidden_states.shape[1])
+            with torch.enable_grad():  # the rest of the model runs without gradients
+                output = self.student(hidden_states.detach(), **kwargs)[0]
+                self.loss = masked_mse(output, target, valid)
+        return target, None
+
+
+def masked_mse(output: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error over real tokens only (valid (B, T) bool, None = all real), in fp32."""
+    error = (output.float() - target.float()).pow(2).mean(-1)  # (B, T)
+    if valid is None:
+        return error.mean()
+    return (error * valid).sum() / valid.sum().clamp(min=1)
+
+
+def attach_teacher(hybrid: nn.Module, teacher: nn.Module) -> list[DistilledLayer]:
+    """Wrap every converted layer of `hybrid` with a frozen copy of `teacher`'s attention for that layer.
+
+    Only the attention modules are copied (the teacher itself can be freed afterwards); layers converted by a
+    config change (native sliding window) and kept layers are left alone. Returns the wrappers in layer order.
+    """
+    plan = layer_plan(hybrid.config)
+    student_layout, teacher_layout = find_decoder_layout(hybrid), find_decoder_layout(teacher)
+    if len(student_layout.layers) != len(teacher_layout.layers):
+        raise ValueError(
+            f"The teacher has {len(teacher_layout.layers)} decoder layers but the hybrid has "
+            f"{len(student_layout.layers)}: it is not this hybrid's teacher."
+        )
+    wrapped = []
+    for idx in range(len(student_layout.layers)):
+        student = student_layout.attention(idx)
+        if idx in plan.native_layers or not isinstance(student, TokenMixer) or student.wraps_attention:
+            continue  # the teacher's own attention (native or wrapped sliding window, kept layers)
+        teacher_attention = copy.deepcopy(teacher_layout.attention(idx)).to(
+            device=next(student.parameters()).device
+        )
+        layer = DistilledLayer(student, teacher_attention)
+        student_layout.set_attention(idx, layer)
+        wrapped.append(layer)
+    if not wrapped:
+        raise ValueError("The hybrid has no converted (mixer) layer to distil.")
+    return wrapped
+
+
+def detach_teacher(hybrid: nn.Module) -> None:
+    """Put the trained mixers back in place of their DistilledLayer wrappers (before saving the hybrid)."""
+    layout = find_decoder_layout(hybrid)
+    for idx in range(len(layout.layers)):
+        module = layout.attention(idx)
+        if isinstance(module, DistilledLayer):
+            layout.set_attention(idx, module.student)
+
+
+def distilled_layers(hybrid: nn.Module) -> list[DistilledLayer]:
+    return [module for module in hybrid.modules() if isinstance(module, DistilledLayer)]
+
+
+@contextmanager
+def distillation_mode(hybrid: nn.Module, mode: str):
+    """Run the hybrid as the teacher, the student, or the layer-wise pair (see the module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {MODES}.")
+    layers = distilled_layers(hybrid)
+    if not layers:
+        raise ValueError("The hybrid has no teacher attached; call attach_teacher(hybrid, teacher) first.")
+    previous = [layer.mode for layer in layers]
+    for layer in layers:
+        layer.mode, layer.loss = mode, None
+    try:
+        yield layers
+    finally:
+        for layer, mode_before in zip(layers, previous, strict=True):
+            layer.mode = mode_before

@@ -14,7 +14,6 @@ import importlib.util
 
 import torch
 
-BACKENDS = ("auto", "torch", "fla", "mamba_ssm")
 # The module whose import proves a library's kernels are usable, and how to install it.
 KERNEL_LIBRARIES = {
     "fla": ("fla.ops", "pip install 'hybridize[cuda]'"),
@@ -44,9 +43,7 @@ def resolve_backend(backend: str, device: torch.device, op: str, kernels: tuple[
 
     `kernels` are the libraries that implement `op`, in order of preference; "torch" always does.
     """
-    choices = ("auto", "torch", *kernels)
-    if backend not in choices:
-        raise ValueError(f"backend={backend!r} for {op} is not one of {choices}.")
+    check_backend(backend, kernels, op)
     if backend == "auto":
         usable = [lib for lib in kernels if device.type == "cuda" and library_available(lib)]
         return usable[0] if usable else "torch"
@@ -58,16 +55,11 @@ def resolve_backend(backend: str, device: torch.device, op: str, kernels: tuple[
     return backend
 
 
-def available_backends(kernels: tuple[str, ...] = ("fla", "mamba_ssm")) -> list[str]:
-    """The concrete backends among "torch" and `kernels` usable on this machine."""
-    return ["torch", *(lib for lib in kernels if library_available(lib))]
-
-
-def check_backend(backend: str, kernels: tuple[str, ...], mixer: str) -> None:
-    """Config-time check of a mixer's `backend` option (availability is checked when it runs)."""
+def check_backend(backend: str, kernels: tuple[str, ...], what: str) -> None:
+    """Check a backend name for a mixer or op with fast paths in `kernels` (availability is checked when it runs)."""
     choices = ("auto", "torch", *kernels)
     if backend not in choices:
-        raise ValueError(f"{mixer} backend={backend!r} is not one of {choices}.")
+        raise ValueError(f"{what} backend={backend!r} is not one of {choices}.")
 
 
 def choose_mode(mode: str, backend: str, length: int, *tensors: torch.Tensor) -> str:

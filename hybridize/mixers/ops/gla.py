@@ -121,27 +121,18 @@ def gla(
     if backend == "fla":
         from fla.ops.gla import chunk_gla, fused_recurrent_gla
 
-        initial_state = None if initial_state is None else initial_state.float()  # fla asserts fp32
-        if mode == "chunk":
-            out, state = chunk_gla(
-                q=q,
-                k=k,
-                v=v,
-                g=gk.float(),
-                scale=scale,
-                initial_state=initial_state,
-                output_final_state=output_final_state,
-            )
-        else:
-            out, state = fused_recurrent_gla(
-                q=q,
-                k=k,
-                v=v,
-                gk=gk.float(),
-                scale=scale,
-                initial_state=initial_state,
-                output_final_state=output_final_state,
-            )
+        # fla asserts an fp32 state; its chunk kernel names the decay `g`, the recurrent one `gk`.
+        initial_state = None if initial_state is None else initial_state.float()
+        kernel, decay = (chunk_gla, "g") if mode == "chunk" else (fused_recurrent_gla, "gk")
+        out, state = kernel(
+            q=q,
+            k=k,
+            v=v,
+            **{decay: gk.float()},
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+        )
         return out.to(v.dtype), state
 
     reference = chunk_gla_torch if mode == "chunk" else recurrent_gla_torch

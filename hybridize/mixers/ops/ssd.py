@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from hybridize.mixers.ops.backends import choose_mode, resolve_backend
 from hybridize.mixers.ops.dtypes import compute_dtype
+from hybridize.mixers.ops.gla import gla
 
 MAMBA_CHUNK_SIZE = 256  # mamba-ssm's Mamba2 default; its kernels are tuned for it
 
@@ -218,11 +219,11 @@ def fla_simple_gla_backward_broken() -> bool:
     #640), and its TileLang fallback does not take simple GLA's fp32 states."""
     from fla import utils
 
-    hopper, triton_3_4 = (
-        getattr(utils, "IS_NVIDIA_HOPPER", False),
-        getattr(utils, "TRITON_ABOVE_3_4_0", False),
+    return (
+        getattr(utils, "IS_NVIDIA_HOPPER", False)
+        and getattr(utils, "TRITON_ABOVE_3_4_0", False)
+        and not getattr(utils, "TRITON_ABOVE_3_7_1", True)
     )
-    return hopper and triton_3_4 and not getattr(utils, "TRITON_ABOVE_3_7_1", True)
 
 
 def _ssd_fla(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode):
@@ -232,7 +233,6 @@ def _ssd_fla(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode):
     scan runs as GLA with the per-head decay broadcast over the key dimension: identical math, whose
     backward fla computes with its own (unaffected) kernels.
     """
-    from fla.ops.gla import chunk_gla
     from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 
     heads = x.shape[2]
@@ -242,18 +242,19 @@ def _ssd_fla(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode):
     q = _heads_from_groups(Cm, heads).to(dtype)
     k = (_heads_from_groups(Bm, heads) * dt[..., None]).to(dtype)
     g = (dt * A).float()  # (B, T, H) log decay
-    initial_state = None if initial_state is None else initial_state.float()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, Bm, Cm))
     if mode == "chunk" and needs_grad and fla_simple_gla_backward_broken():
         gk = g[..., None].expand(*g.shape, q.shape[-1]).contiguous()  # (B, T, H, N)
-        y, state = chunk_gla(
-            q=q,
-            k=k,
-            v=x.to(dtype),
-            g=gk,
+        y, state = gla(
+            q,
+            k,
+            x.to(dtype),
+            gk,
             scale=1.0,
             initial_state=initial_state,
             output_final_state=output_final_state,
+            backend="fla",
+            mode="chunk",
         )
     else:
         kernel = chunk_simple_gla if mode == "chunk" else fused_recurrent_simple_gla
@@ -263,7 +264,7 @@ def _ssd_fla(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode):
             v=x.to(dtype),
             g=g,
             scale=1.0,
-            initial_state=initial_state,
+            initial_state=None if initial_state is None else initial_state.float(),
             output_final_state=output_final_state,
         )
     return _add_skip(y.to(compute_dtype(x)), x, D).to(x.dtype), state

@@ -156,11 +156,7 @@ def tiny_qwen2_5_vl(
     seed: int = 0, num_hidden_layers: int = 8
 ) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLImageOnlyProcessor]:
     """The tiny model (fp32, eval mode, weights fixed by `seed`) and its processor; the global RNG is untouched."""
-    config = tiny_qwen2_5_vl_config(num_hidden_layers)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    return model.eval(), tiny_qwen2_5_vl_processor()
+    return tiny_model("qwen2_5_vl", seed, num_hidden_layers), tiny_qwen2_5_vl_processor()
 
 
 def qwen2_5_vl_3b_config() -> Qwen2_5_VLConfig:

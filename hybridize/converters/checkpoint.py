@@ -57,7 +57,7 @@ def embedded_models() -> dict:
 
     models = {"tiny-qwen2.5-vl": (presets.tiny_qwen2_5_vl_config, presets.tiny_qwen2_5_vl)}
     for model_type, config_builder in presets.TINY_CONFIGS.items():
-        name = "tiny-" + model_type.replace("_", "-")
+        name = "tiny-" + model_type.replace("_5", ".5").replace("_", "-")  # qwen2_5_vl -> tiny-qwen2.5-vl
         models.setdefault(
             name, (lambda build=config_builder: build(8), presets.tiny_model_with_tokenizer(model_type))
         )

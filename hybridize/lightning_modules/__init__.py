@@ -3,9 +3,9 @@
 from hybridize.lightning_modules.distillation import (
     EndToEndDistillation,
     LayerwiseDistillation,
-    distillation_kl,
     freeze_except,
 )
+from hybridize.lightning_modules.losses import distillation_kl, masked_mean, masked_mse
 from hybridize.lightning_modules.teacher import (
     DistilledLayer,
     attach_teacher,
@@ -22,4 +22,6 @@ __all__ = [
     "distillation_kl",
     "distillation_mode",
     "freeze_except",
+    "masked_mean",
+    "masked_mse",
 ]

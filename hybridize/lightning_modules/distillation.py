@@ -20,28 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridize.lightning_modules.losses import distillation_kl
 from hybridize.lightning_modules.teacher import attach_teacher, distillation_mode
-from hybridize.mixers.ops.dtypes import compute_dtype
 
 # Which parameters train, as regular expressions over parameter names: the converted layers' mixers.
 MIXER_PARAMETERS = (r"\.self_attn\.student\.",)
-
-
-def distillation_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    valid: torch.Tensor | None,
-    temperature: float = 2.0,
-) -> torch.Tensor:
-    """KL(teacher || student) per token at `temperature`, scaled by temperature^2 (so gradients keep their size
-    across temperatures), averaged over the tokens where `valid` (B, T) is True; fp32 (fp64 for fp64 logits)."""
-    dtype = compute_dtype(student_logits)
-    teacher = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
-    student = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    kl = (teacher.exp() * (teacher - student)).sum(-1)  # (B, T)
-    if valid is None:
-        return kl.mean() * temperature**2
-    return (kl * valid).sum() / valid.sum().clamp(min=1) * temperature**2
 
 
 def freeze_except(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> dict[str, int]:

@@ -21,6 +21,7 @@ from torch import nn
 
 from hybridize.converters.discovery import find_decoder_layout
 from hybridize.converters.hybrid_model import layer_plan
+from hybridize.lightning_modules.losses import masked_mse
 from hybridize.mixers.base import TokenMixer
 from hybridize.mixers.masks import key_padding_mask
 
@@ -53,14 +54,6 @@ class DistilledLayer(nn.Module):
                 output = self.student(hidden_states.detach(), **kwargs)[0]
                 self.loss = masked_mse(output, target, valid)
         return target, None
-
-
-def masked_mse(output: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error over real tokens only (valid (B, T) bool, None = all real), in fp32."""
-    error = (output.float() - target.float()).pow(2).mean(-1)  # (B, T)
-    if valid is None:
-        return error.mean()
-    return (error * valid).sum() / valid.sum().clamp(min=1)
 
 
 def attach_teacher(hybrid: nn.Module, teacher: nn.Module) -> list[DistilledLayer]:

@@ -78,7 +78,8 @@ def build_hybrid_config(teacher_config, plan: LayerPlan, specs, base_model: str 
         try:
             # Every distinct head layout the mixer replaces must fit its options (one resolved config per mixer).
             resolved, *_ = [
-                mixer_config(name, plan.mixers.get(name), spec) for spec in {specs[i]: i for i in layers}
+                mixer_config(name, plan.mixers.get(name), spec)
+                for spec in dict.fromkeys(specs[i] for i in layers)
             ]
         except ValueError as error:
             raise ValueError(f"mixer {name!r} (layers {layers}): {error}") from None

@@ -196,11 +196,12 @@ def plan_layers(
         get_mixer_class(name)
 
     if ratio is not None:
-        parsed = parse_ratio(ratio)
-        softmax = softmax_layers_for_ratio(num_layers, parsed, pattern)
+        softmax = softmax_layers_for_ratio(num_layers, parse_ratio(ratio), pattern)
     elif swa_layers is not None:
         softmax = parse_layer_list(swa_layers, num_layers)
-    if ratio is None and swa_layers is None:
+    else:
+        softmax = None  # a layer map alone: every other layer keeps its attention
+    if softmax is None:
         names = [KEEP_MIXER] * num_layers
     else:
         others = [idx for idx in range(num_layers) if idx not in softmax]

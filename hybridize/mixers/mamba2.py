@@ -105,8 +105,8 @@ class Mamba2Mixer(TokenMixer):
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
         self.num_groups, self.state_size = config.num_groups, config.state_size
         self.inner_size = self.num_heads * self.head_dim  # H*P
-        group_dim = self.num_groups * self.state_size  # G*N
-        self.conv_dim = self.inner_size + 2 * group_dim  # x | B | C
+        self.group_dim = self.num_groups * self.state_size  # G*N
+        self.conv_dim = self.inner_size + 2 * self.group_dim  # x | B | C
         # in_proj rows: z (H*P) | x (H*P) | B (G*N) | C (G*N) | dt (H), as in mamba-ssm
         self.in_proj = nn.Linear(
             spec.hidden_size, self.inner_size + self.conv_dim + self.num_heads, bias=False
@@ -155,7 +155,7 @@ class Mamba2Mixer(TokenMixer):
         self.reset_parameters()
         if policy == "attention_transfer":
             weights = teacher_projections(teacher_attention, self.spec)
-            inner, group_dim = self.inner_size, self.num_groups * self.state_size
+            inner, group_dim = self.inner_size, self.group_dim
             rows = self.in_proj.weight
             rows[inner : 2 * inner].copy_(weights.v)
             rows[2 * inner : 2 * inner + group_dim].copy_(weights.k)
@@ -179,13 +179,12 @@ class Mamba2Mixer(TokenMixer):
             hidden_states, attention_mask, past_key_values
         )
 
-        group_dim = self.num_groups * self.state_size
         # (B, T, hidden) -> z (B, T, H*P), xBC (B, T, H*P + 2*G*N), dt (B, T, H)
         z, xBC, dt = self.in_proj(hidden_states).split(
             [self.inner_size, self.conv_dim, self.num_heads], dim=-1
         )
         xBC, conv_state = self.conv1d(xBC, states.get("conv"))
-        x, Bm, Cm = xBC.split([self.inner_size, group_dim, group_dim], dim=-1)
+        x, Bm, Cm = xBC.split([self.inner_size, self.group_dim, self.group_dim], dim=-1)
         dtype = compute_dtype(hidden_states)
         dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))
         if valid is not None:

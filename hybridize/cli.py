@@ -1,4 +1,4 @@
-"""`hybridize <verb>`: convert a model, inspect a hybrid, generate with it.
+"""`hybridize <verb>`: convert a model, train it (stage by stage), inspect a hybrid, generate with it.
 
 Every argument is checked (and the output directory refused) before any model is loaded, so bad input
 fails in a second with one line that says what to change.
@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     convert.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: the checkpoint's)")
     convert.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
+
+    train = verbs.add_parser(
+        "train",
+        add_help=False,
+        help="run a training stage from YAML: train [fit|validate] --config stage.yaml [overrides] (LightningCLI)",
+    )
+    train.add_argument("arguments", nargs=argparse.REMAINDER)
 
     mixers = verbs.add_parser("mixers", help="list the registered mixers, their options and compute paths")
     mixers.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -234,8 +241,15 @@ def run_generate(args: argparse.Namespace) -> None:
     print(generate_reply(model, processor, args.prompt, images, max_new_tokens=args.max_new_tokens))
 
 
+def run_train(args: argparse.Namespace) -> None:
+    from hybridize.training import main as train
+
+    train(args.arguments)
+
+
 COMMANDS = {
     "convert": run_convert,
+    "train": run_train,
     "mixers": run_mixers,
     "inspect": run_inspect,
     "generate": run_generate,

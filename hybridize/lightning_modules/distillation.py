@@ -13,110 +13,150 @@ attention modules are kept beside their mixers, so the shared frozen weights exi
 
 from __future__ import annotations
 
-import re
+from contextlib import contextmanager
 
-import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from hybridize.lightning_modules.losses import distillation_kl
-from hybridize.lightning_modules.teacher import attach_teacher, distillation_mode
-
-# Which parameters train, as regular expressions over parameter names: the converted layers' mixers.
-MIXER_PARAMETERS = (r"\.self_attn\.student\.",)
-
-
-def freeze_except(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> dict[str, int]:
-    """Train exactly the parameters whose name matches one of `patterns`; return the counts."""
-    compiled = [re.compile(pattern) for pattern in patterns]
-    counts = {"trainable": 0, "frozen": 0}
-    for name, parameter in model.named_parameters():
-        train = any(pattern.search(name) for pattern in compiled)
-        parameter.requires_grad_(train)
-        counts["trainable" if train else "frozen"] += parameter.numel()
-    if counts["trainable"] == 0:
-        raise ValueError(f"No parameter name matches the trainable patterns {list(patterns)}.")
-    return counts
+from hybridize.converters.checkpoint import load_base_model
+from hybridize.converters.hybrid_model import PLAN_KEY
+from hybridize.lightning_modules.losses import distillation_kl, token_cross_entropy
+from hybridize.lightning_modules.stage import CONVERTED, HybridStage, parameter_categories
+from hybridize.lightning_modules.teacher import attach_teacher, distillation_mode, teacher_detached
 
 
-class DistillationStage(L.LightningModule):
-    """Shared parts: the hybrid with its teacher attached, the trainable set, AdamW, trainable-only checkpoints."""
-
-    def __init__(
-        self,
-        hybrid: nn.Module,
-        teacher: nn.Module,
-        *,
-        trainable: tuple[str, ...] | list[str] = MIXER_PARAMETERS,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.0,
-    ):
-        super().__init__()
-        self.hybrid = hybrid
-        attach_teacher(hybrid, teacher)
-        self.parameter_counts = freeze_except(hybrid, trainable)
-        self.learning_rate, self.weight_decay = learning_rate, weight_decay
-        self.strict_loading = False  # checkpoints hold only the trainable parameters
-
-    def on_fit_start(self) -> None:
-        counts = self.parameter_counts
-        self.print(
-            f"{type(self).__name__}: {counts['trainable']:,} trainable / {counts['frozen']:,} frozen parameters"
+def check_shared_weights(hybrid: nn.Module, teacher: nn.Module) -> None:
+    """Every weight the hybrid shares with its teacher (all but the converted attention) must be the teacher's:
+    the teacher runs inside the hybrid, so another teacher would make a chimera."""
+    teacher_weights = dict(teacher.named_parameters())
+    categories = parameter_categories(hybrid)
+    shared = [
+        (name, p)
+        for name, p in hybrid.named_parameters()
+        if name in teacher_weights and categories[name] != "mixer"
+    ]
+    different = [
+        name
+        for name, parameter in shared
+        if parameter.shape != teacher_weights[name].shape
+        or not torch.equal(
+            parameter.detach().cpu(), teacher_weights[name].detach().to("cpu", parameter.dtype)
+        )
+    ]
+    if not shared or different:
+        raise ValueError(
+            f"The teacher is not the model this hybrid was converted from: {len(different) or 'no'} of its "
+            f"{len(shared)} shared weights differ (e.g. {(different or ['none shared'])[0]}). Set model.teacher "
+            "to the base model given to `hybridize convert` (and the same dtype)."
         )
 
-    def configure_optimizers(self):
-        parameters = [p for p in self.hybrid.parameters() if p.requires_grad]
-        return torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        trainable = {f"hybrid.{name}" for name, p in self.hybrid.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+class DistillationStage(HybridStage):
+    """Stage 1 parts: the teacher's attention attached beside each mixer; only the mixers may train."""
 
-    @staticmethod
-    def model_inputs(batch: dict) -> dict:
-        return {key: value for key, value in batch.items() if key != "labels"}
+    default_trainable = ("mixers",)
+
+    def __init__(self, checkpoint, *, teacher: str | nn.Module | None = None, **kwargs):
+        """
+        Args:
+            teacher: the base model the hybrid was converted from (an embedded name, a directory, a hub id or a
+                model); default: the base model recorded in the hybrid's plan.
+        """
+        self._teacher = (teacher,)  # a tuple: nn.Module refuses module attributes before its __init__
+        super().__init__(checkpoint, **kwargs)
+        outside = [
+            category
+            for category, row in self.parameter_counts.items()
+            if row["trainable"] and category != "mixer"
+        ]
+        if outside:
+            raise ValueError(
+                f"Stage {self.stage!r} runs the teacher inside the hybrid, so only the mixers can train; "
+                f"trainable={list(self.trainable)} also selects {outside} parameters, which would change the "
+                "teacher. Train those in the SFT stage."
+            )
+
+    def prepare_model(self) -> None:
+        (teacher,) = self._teacher
+        del self._teacher  # only its attention modules are kept (copied into the hybrid)
+        if teacher is None:
+            teacher = getattr(self.hybrid.config, PLAN_KEY).get("base_model")
+            if not teacher:
+                raise ValueError("The hybrid does not record its base model; set model.teacher.")
+        if isinstance(teacher, str):
+            teacher, _ = load_base_model(teacher, dtype=self.dtype_frozen or self.hybrid.dtype)
+        check_shared_weights(self.hybrid, teacher)
+        attach_teacher(self.hybrid, teacher)
+
+    @contextmanager
+    def exporting(self):
+        with teacher_detached(self.hybrid) as model:
+            yield model
 
 
 class LayerwiseDistillation(DistillationStage):
     """Stage 1a: every mixer regresses its teacher attention's output on the teacher's input (MSE)."""
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    stage = "layerwise_distillation"
+    default_previous_stage = CONVERTED
+
+    def __init__(self, checkpoint, *, mse_weight: float = 1.0, **kwargs):
+        """
+        Args:
+            mse_weight: scale of the loss (the mean of the layers' MSEs); InfiniteVL uses 1000.
+        """
+        if mse_weight <= 0:
+            raise ValueError(f"mse_weight must be positive, got {mse_weight}.")
+        super().__init__(checkpoint, **kwargs)
+        self.mse_weight = mse_weight
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         with distillation_mode(self.hybrid, "layerwise") as layers, torch.no_grad():
             self.hybrid(**self.model_inputs(batch), use_cache=False)
-        losses = torch.stack([layer.loss for layer in layers])
-        loss = losses.mean()
-        self.log("train/layerwise_mse", loss, prog_bar=True)
-        return loss
+        mse = torch.stack([layer.loss for layer in layers]).mean()
+        return {"loss": self.mse_weight * mse, "layerwise_mse": mse}
 
 
 class EndToEndDistillation(DistillationStage):
     """Stage 1b: KL(teacher || student) on the logits at `temperature`, over real tokens, plus `ce_weight` * CE."""
 
+    stage = "end_to_end_distillation"
+    default_previous_stage = "layerwise_distillation"
+
     def __init__(
         self,
-        hybrid: nn.Module,
-        teacher: nn.Module,
+        checkpoint,
         *,
         temperature: float = 2.0,
         ce_weight: float = 0.0,
-        ignore_token_ids: tuple[int, ...] | list[int] = (),
+        ignore_token_ids: list[int] | None = None,
         **kwargs,
     ):
-        super().__init__(hybrid, teacher, **kwargs)
+        """
+        Args:
+            temperature: softmax temperature of the KL (the loss is scaled by temperature^2).
+            ce_weight: weight of an added cross-entropy term on the batch's labels (0: KL only).
+            ignore_token_ids: token ids left out of the KL besides padding (e.g. image placeholder tokens).
+        """
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}.")
+        super().__init__(checkpoint, **kwargs)
         self.temperature, self.ce_weight = temperature, ce_weight
-        self.ignore_token_ids = tuple(ignore_token_ids)  # e.g. image placeholder tokens
+        self.ignore_token_ids = tuple(ignore_token_ids or ())
 
     def valid_tokens(self, batch: dict) -> torch.Tensor:
-        valid = batch["attention_mask"].bool()
+        """Real tokens: the attention mask, or in packed batches (which have none) every non-pad token."""
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            valid = mask.bool()
+        else:
+            pad_id = getattr(getattr(self.processor, "tokenizer", self.processor), "pad_token_id", None)
+            valid = batch["input_ids"] != (pad_id if pad_id is not None else -1)
         for token_id in self.ignore_token_ids:
             valid = valid & (batch["input_ids"] != token_id)
         return valid
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """ "loss" (what trains), "kl" and, with ce_weight, "ce" for one batch."""
         inputs = self.model_inputs(batch)
         with distillation_mode(self.hybrid, "teacher"), torch.no_grad():
             teacher_logits = self.hybrid(**inputs, use_cache=False).logits
@@ -125,14 +165,6 @@ class EndToEndDistillation(DistillationStage):
         kl = distillation_kl(student_logits, teacher_logits, self.valid_tokens(batch), self.temperature)
         losses = {"loss": kl, "kl": kl}
         if self.ce_weight:
-            labels = batch["labels"][:, 1:]
-            ce = F.cross_entropy(
-                student_logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100
-            )
+            ce = token_cross_entropy(student_logits, batch["labels"])
             losses.update(ce=ce, loss=kl + self.ce_weight * ce)
         return losses
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        losses = self.losses(batch)
-        self.log_dict({f"train/{name}": value for name, value in losses.items()}, prog_bar=True)
-        return losses["loss"]

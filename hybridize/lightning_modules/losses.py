@@ -33,3 +33,14 @@ def distillation_kl(
     teacher = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     student = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     return masked_mean((teacher.exp() * (teacher - student)).sum(-1), valid) * temperature**2
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token cross-entropy: logits (B, T, V) at t predict labels (B, T) at t + 1 (transformers' unshifted
+    labels), averaged over the labelled tokens (labels != ignore_index), in fp32 (fp64 for fp64 logits)."""
+    targets = labels[:, 1:]
+    if not bool((targets != ignore_index).any()):
+        return logits.sum() * 0  # nothing labelled in this batch: a zero loss that keeps the graph
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).to(compute_dtype(logits)), targets.flatten(), ignore_index=ignore_index
+    )

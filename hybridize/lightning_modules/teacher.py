@@ -49,7 +49,8 @@ class DistilledLayer(nn.Module):
         with torch.no_grad():
             target = self.teacher(hidden_states=hidden_states, **kwargs)[0]
         if self.mode == "layerwise":
-            valid = key_padding_mask(kwargs.get("attention_mask"), hidden_states.shape[1])
+            packed = kwargs.get("cu_seq_lens_q") is not None  # block-diagonal mask, every token real
+            valid = None if packed else key_padding_mask(kwargs.get("attention_mask"), hidden_states.shape[1])
             with torch.enable_grad():  # the rest of the model runs without gradients
                 output = self.student(hidden_states.detach(), **kwargs)[0]
                 self.loss = masked_mse(output, target, valid)
@@ -92,6 +93,20 @@ def detach_teacher(hybrid: nn.Module) -> None:
         module = layout.attention(idx)
         if isinstance(module, DistilledLayer):
             layout.set_attention(idx, module.student)
+
+
+@contextmanager
+def teacher_detached(hybrid: nn.Module):
+    """The hybrid without its teacher attention for the duration (to save or export it), then re-attached."""
+    layout = find_decoder_layout(hybrid)
+    attached = {idx: layout.attention(idx) for idx in range(len(layout.layers))}
+    attached = {idx: module for idx, module in attached.items() if isinstance(module, DistilledLayer)}
+    detach_teacher(hybrid)
+    try:
+        yield hybrid
+    finally:
+        for idx, module in attached.items():
+            layout.set_attention(idx, module)
 
 
 def distilled_layers(hybrid: nn.Module) -> list[DistilledLayer]:

@@ -71,6 +71,9 @@ class TokenMixer(nn.Module):
     # Kernel libraries with a fast path for this mixer, in order of preference (see ops/backends.py); the
     # pure-PyTorch reference ("torch") is always there.
     kernels: ClassVar[tuple[str, ...]] = ()
+    # A mixer that resets its state at the boundaries of packed sequences itself (reading `cu_seq_lens_q`)
+    # says so here; otherwise `__call__` runs it once per packed sequence.
+    supports_packing: ClassVar[bool] = False
 
     def __init__(
         self, config: MixerConfig, spec: AttentionSpec, layer_idx: int, attention: nn.Module | None = None
@@ -79,6 +82,45 @@ class TokenMixer(nn.Module):
         self.config = config
         self.spec = spec
         self.layer_idx = layer_idx
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        boundaries = kwargs.get("cu_seq_lens_q")
+        if boundaries is None or self.supports_packing:
+            return super().__call__(*args, **kwargs)
+        return self.forward_packed(boundaries, *args, **kwargs)
+
+    def forward_packed(
+        self, boundaries: torch.Tensor, hidden_states: torch.Tensor, **kwargs: Any
+    ) -> tuple[torch.Tensor, None]:
+        """Packed sequences (transformers' flash-attention packing kwargs: `cu_seq_lens_q` holds the sequence
+        boundaries over the flattened batch): run the mixer on each sequence alone, from an empty state."""
+        if kwargs.get("past_key_values") is not None and kwargs.get("use_cache"):
+            raise ValueError(
+                "Packed sequences (cu_seq_lens_q) are a training input; generation with a cache takes one "
+                "sequence per row (pad instead of packing)."
+            )
+        batch, length, width = hidden_states.shape
+        bounds = boundaries.tolist()
+        if bounds[0] != 0 or bounds[-1] != batch * length or sorted(bounds) != bounds:
+            raise ValueError(
+                f"cu_seq_lens_q must rise from 0 to batch * length = {batch * length}; got {bounds}."
+            )
+        flat = hidden_states.reshape(1, batch * length, width)
+        rotary = kwargs.get("position_embeddings")
+        if rotary is not None:  # (B, T, D) cos and sin -> (1, B*T, D), sliced like the tokens
+            rotary = tuple(
+                part.expand(batch, *part.shape[1:]).reshape(1, batch * length, -1) for part in rotary
+            )
+        dropped = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids")
+        common = {key: value for key, value in kwargs.items() if key not in dropped}
+        common.update(attention_mask=None, past_key_values=None, use_cache=False)
+        outputs = []
+        for start, end in zip(bounds[:-1], bounds[1:], strict=False):
+            if end > start:
+                if rotary is not None:
+                    common["position_embeddings"] = tuple(part[:, start:end] for part in rotary)
+                outputs.append(super().__call__(hidden_states=flat[:, start:end], **common)[0])
+        return torch.cat(outputs, dim=1).view(batch, length, -1), None
 
     def forward(
         self,

@@ -1,0 +1,299 @@
+"""The four training stages: what trains, losses going down, padding ignored, checks between stages, resume,
+LoRA merge, export."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+import hybridize
+from hybridize.converters import read_plan, save_hybrid
+from hybridize.lightning_modules import (
+    EndToEndDistillation,
+    LayerwiseDistillation,
+    LongSequenceSFT,
+    SupervisedFineTuning,
+    attach_teacher,
+    detach_teacher,
+    distillation_kl,
+    distillation_mode,
+)
+from hybridize.mixers import TokenMixer
+from hybridize.presets import tiny_model
+from tests.lightning_modules.conftest import (
+    LAYERS,
+    batches,
+    converted,
+    fit,
+    mean,
+    repeat_task_batches,
+    sharpen_head,
+    trainer,
+)
+
+
+def mixer_prefixes(model):
+    """The linear mixers' parameter prefixes (the sliding-window layer keeps the teacher's own attention)."""
+    return tuple(
+        f"{n}." for n, m in model.named_modules() if isinstance(m, TokenMixer) and not m.wraps_attention
+    )
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2_5_vl"])
+def test_teacher_mode_is_the_teacher_and_student_mode_the_hybrid(model_type):
+    hybrid, teacher, _ = converted(model_type)
+    hybrid.eval()
+    inputs = {key: value for key, value in batches(1)[0].items() if key != "labels"}
+    with torch.no_grad():
+        student_before = hybrid(**inputs).logits
+        attach_teacher(hybrid, teacher)
+        with distillation_mode(hybrid, "teacher"):
+            assert torch.equal(hybrid(**inputs).logits, teacher(**inputs).logits)
+        with distillation_mode(hybrid, "student"):
+            assert torch.equal(hybrid(**inputs).logits, student_before)
+    detach_teacher(hybrid)
+    assert not any(type(m).__name__ == "DistilledLayer" for m in hybrid.modules())
+
+
+def test_layerwise_stage_trains_only_the_mixers_and_its_loss_goes_down(saved_hybrid):
+    path, teacher = saved_hybrid
+    module = LayerwiseDistillation(path, teacher=teacher, learning_rate=3e-3, schedule="constant")
+    hybrid = module.hybrid
+    with hybridize.lightning_modules.teacher_detached(hybrid):
+        before = {name: tensor.clone() for name, tensor in hybrid.state_dict().items()}
+    losses = fit(module, 40, batches(40))
+    assert mean(losses[-5:]) < 0.7 * mean(losses[:5]), losses
+    detach_teacher(hybrid)
+    prefixes = mixer_prefixes(hybrid)
+    changed = {name for name, tensor in hybrid.state_dict().items() if not torch.equal(before[name], tensor)}
+    assert changed and all(name.startswith(prefixes) for name in changed), sorted(changed)[:5]
+    trainable = sum(row["trainable"] for row in module.parameter_counts.values())
+    assert trainable == sum(p.numel() for n, p in hybrid.named_parameters() if n.startswith(prefixes))
+    assert module.parameter_counts["teacher attention"]["trainable"] == 0
+
+
+def test_end_to_end_stage_kl_goes_down():
+    hybrid, teacher, _ = converted(seed=1)
+    module = EndToEndDistillation(hybrid, teacher=teacher, previous_stage=None, learning_rate=1e-2)
+    losses = fit(module, 40, batches(40, seed=1))
+    assert mean(losses[-5:]) < 0.85 * mean(losses[:5]), losses
+
+
+def test_kl_ignores_padding():
+    hybrid, teacher, _ = converted(seed=2)
+    module = EndToEndDistillation(hybrid.double(), teacher=teacher.double(), previous_stage=None)
+    hybrid.eval()
+    batch = batches(1, seed=2)[0]
+    padded = {
+        "input_ids": torch.cat([batch["input_ids"], torch.full((4, 6), 256)], dim=1),
+        "attention_mask": torch.cat([batch["attention_mask"], torch.zeros(4, 6, dtype=torch.long)], dim=1),
+    }
+    with torch.no_grad():
+        plain = module.losses({k: v for k, v in batch.items() if k != "labels"})["loss"]
+        extra = module.losses(padded)["loss"]
+    torch.testing.assert_close(plain, extra, rtol=1e-9, atol=1e-12)
+
+
+def test_kl_is_zero_for_identical_logits_and_masks_tokens():
+    logits = torch.randn(2, 5, 11)
+    assert distillation_kl(logits, logits, None).abs() < 1e-6
+    other = torch.randn(2, 5, 11)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[:, :2] = False
+    masked = distillation_kl(other, logits, valid)
+    assert torch.allclose(masked, distillation_kl(other[:, 2:], logits[:, 2:], None))
+
+
+def test_sft_loss_goes_down_on_the_labelled_tokens_only():
+    hybrid, _, _ = converted(seed=3)
+    module = SupervisedFineTuning(sharpen_head(hybrid), previous_stage=None, learning_rate=1e-2)
+    data = repeat_task_batches(40, seed=3)
+    losses = fit(module, 40, data)
+    assert mean(losses[-5:]) < 0.8 * mean(losses[:5]), losses
+    # The loss only sees labelled tokens: changing the logits of unlabelled positions changes nothing.
+    batch = data[0]
+    unlabelled = batch["labels"].clone()
+    unlabelled[:, 10:] = -100  # keep labelled targets up to position 9
+    logits = torch.randn(8, 16, 512)
+    noisy = logits.clone()
+    noisy[:, 9:] += torch.randn_like(noisy[:, 9:])  # logits at t predict labels at t + 1
+    ce = hybridize.lightning_modules.token_cross_entropy
+    torch.testing.assert_close(ce(logits, unlabelled), ce(noisy, unlabelled))
+
+
+def test_sft_default_trains_mixers_output_projections_and_mlps():
+    hybrid, _, _ = converted(seed=3)
+    module = SupervisedFineTuning(hybrid, previous_stage=None)
+    trainable = {n for n, p in module.hybrid.named_parameters() if p.requires_grad}
+    prefixes = mixer_prefixes(module.hybrid)
+    assert trainable == {
+        n
+        for n, _ in module.hybrid.named_parameters()
+        if n.startswith(prefixes) or ".self_attn.o_proj." in n or ".mlp." in n
+    }
+    assert module.parameter_counts["embeddings"]["trainable"] == 0
+
+
+def test_lora_stage_trains_only_adapters_and_merges_back(tmp_path):
+    hybrid, _, tokenizer = converted(seed=4)
+    module = LongSequenceSFT(
+        sharpen_head(hybrid),
+        processor=tokenizer,
+        previous_stage=None,
+        learning_rate=1e-2,
+        lora_rank=4,
+        lora_dropout=0.0,
+    )
+    base_before = {n: p.detach().clone() for n, p in module.hybrid.named_parameters() if "lora_" not in n}
+    losses = fit(module, 40, repeat_task_batches(40, seed=4))
+    assert mean(losses[-5:]) < 0.8 * mean(losses[:5]), losses
+    trainable = {n for n, p in module.hybrid.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert all(
+        torch.equal(p, base_before[n]) for n, p in module.hybrid.named_parameters() if n in base_before
+    )
+    inputs = {k: v for k, v in repeat_task_batches(1, seed=5)[0].items() if k != "labels"}
+    module.hybrid.eval()
+    with torch.no_grad():
+        adapted = module.hybrid(**inputs).logits
+    out = module.export(tmp_path / "merged")
+    reloaded = hybridize.load(out)
+    assert not any("lora" in n for n, _ in reloaded.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, adapted, rtol=1e-4, atol=1e-4)
+    assert read_plan(out)["hybridize"]["stages"][-1]["stage"] == "long_sequence_sft"
+
+
+def test_export_is_loadable_and_records_the_stage(saved_hybrid, tmp_path):
+    path, teacher = saved_hybrid
+    module = LayerwiseDistillation(path, teacher=teacher, export_dir=str(tmp_path / "stage1a"))
+    fit(module, 3, batches(3))
+    exported = hybridize.load(tmp_path / "stage1a")
+    inputs = {k: v for k, v in batches(1, seed=9)[0].items() if k != "labels"}
+    module.hybrid.eval()
+    with torch.no_grad(), distillation_mode(module.hybrid, "student"):
+        expected = module.hybrid(**inputs).logits
+        torch.testing.assert_close(exported(**inputs).logits, expected)
+    (entry,) = read_plan(tmp_path / "stage1a")["hybridize"]["stages"]
+    assert entry["stage"] == "layerwise_distillation" and entry["steps"] == 3
+    # The next stage takes it; a stage that expects another predecessor refuses it.
+    EndToEndDistillation(str(tmp_path / "stage1a"), teacher=teacher)
+    with pytest.raises(
+        ValueError, match="output of 'end_to_end_distillation'.*output of 'layerwise_distillation'"
+    ):
+        SupervisedFineTuning(str(tmp_path / "stage1a"))
+
+
+def test_wrong_or_missing_previous_stage_is_an_error(saved_hybrid, tmp_path):
+    path, teacher = saved_hybrid
+    with pytest.raises(ValueError, match="output of 'layerwise_distillation'.*output of 'convert'"):
+        EndToEndDistillation(str(path), teacher=teacher)
+    with pytest.raises(FileNotFoundError, match="does not exist. Run the previous stage first"):
+        EndToEndDistillation(str(tmp_path / "no-such-stage"), teacher=teacher)
+
+
+def test_a_checkpoint_with_another_plan_is_refused_before_loading(saved_hybrid):
+    path, teacher = saved_hybrid
+    with pytest.raises(
+        ValueError, match=r"does not have the plan.*layer 2: gated_deltanet \(expected sliding_window\)"
+    ):
+        LayerwiseDistillation(str(path), teacher=teacher, plan={"ratio": "1/2", "window": 4096})
+    with pytest.raises(ValueError, match=r"sliding_window.window = 4096 \(expected 8192\)"):
+        LayerwiseDistillation(str(path), teacher=teacher, plan={"ratio": "1/4", "window": 8192})
+    LayerwiseDistillation(str(path), teacher=teacher, plan={"ratio": "1/4", "window": 4096})
+
+
+def test_another_teacher_is_refused(saved_hybrid):
+    path, _ = saved_hybrid
+    with pytest.raises(ValueError, match="not the model this hybrid was converted from"):
+        LayerwiseDistillation(str(path), teacher=tiny_model("llama", seed=7, num_hidden_layers=LAYERS))
+    with pytest.raises(ValueError, match="not this hybrid's teacher"):
+        attach_teacher(converted()[0], tiny_model("llama", num_hidden_layers=LAYERS + 1))
+
+
+def test_distillation_refuses_to_train_the_teachers_weights(saved_hybrid):
+    path, teacher = saved_hybrid
+    with pytest.raises(ValueError, match=r"only the mixers can train.*\['decoder'\]"):
+        LayerwiseDistillation(str(path), teacher=teacher, trainable=["mixers", r"\.mlp\."])
+    with pytest.raises(ValueError, match="No parameter matches"):
+        LayerwiseDistillation(str(path), teacher=teacher, trainable=["no_such_parameter"])
+
+
+def test_export_dir_is_refused_up_front(saved_hybrid, tmp_path):
+    path, teacher = saved_hybrid
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        LayerwiseDistillation(str(path), teacher=teacher, export_dir=str(tmp_path / "taken"))
+
+
+def test_checkpoints_hold_only_the_trainable_parameters(saved_hybrid):
+    path, teacher = saved_hybrid
+    module = LayerwiseDistillation(str(path), teacher=teacher)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"] and all(".self_attn.student." in key for key in checkpoint["state_dict"])
+
+
+class Crash(L.Callback):
+    """Kills the run after `step` optimizer steps, like a lost node (Lightning runs checkpoint callbacks last,
+    so the crash comes at the start of the next batch, after step `step` was saved)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("node lost")
+
+
+def test_resume_continues_at_the_saved_step_with_the_optimizer_state(saved_hybrid, tmp_path):
+    path, teacher = saved_hybrid
+    data = batches(5, seed=6)  # one epoch = 5 steps; the crash comes at the end of the first epoch
+
+    def run(ckpt_path=None, callbacks=()):
+        L.seed_everything(0)
+        module = LayerwiseDistillation(str(path), teacher=teacher, learning_rate=3e-3, warmup_ratio=0.2)
+        run_trainer = trainer(10, callbacks=list(callbacks), enable_checkpointing=bool(callbacks))
+        loader = torch.utils.data.DataLoader(data, batch_size=None)
+        run_trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+        return module, run_trainer
+
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_last=True
+    )
+    with pytest.raises(RuntimeError, match="node lost"):
+        run(callbacks=[checkpoints, Crash(5)])
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 5
+    assert saved["state_dict"] and all(".self_attn.student." in key for key in saved["state_dict"])
+    resumed, resumed_trainer = run(ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    straight, _ = run()
+    assert resumed_trainer.global_step == 10
+    for (name, p), q in zip(resumed.hybrid.named_parameters(), straight.hybrid.parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    # A checkpoint of another stage cannot be resumed here.
+    other, other_teacher, _ = converted()
+    with pytest.raises(ValueError, match="saved by stage 'layerwise_distillation'"):
+        EndToEndDistillation(other, teacher=other_teacher, previous_stage=None).on_load_checkpoint(saved)
+
+
+def test_learning_rate_schedule_warms_up_then_decays(saved_hybrid):
+    path, teacher = saved_hybrid
+    module = LayerwiseDistillation(str(path), teacher=teacher, warmup_ratio=0.1, min_learning_rate_ratio=0.1)
+    factors = [module.learning_rate_factor(step, 100) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+    assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        LayerwiseDistillation(str(path), teacher=teacher, warmup_ratio=1.5)
+
+
+def test_the_recorded_base_model_is_the_default_teacher(tmp_path):
+    teacher, tokenizer = hybridize.load_base_model("tiny-llama")
+    hybrid, _ = hybridize.convert(teacher, hybridize.plan_layers(8, "1/4", window=64), progress=False)
+    path = save_hybrid(hybrid, tmp_path / "converted", tokenizer)
+    module = LayerwiseDistillation(str(path))  # loads tiny-llama, recorded by the conversion
+    assert module.parameter_counts["teacher attention"]["frozen"] > 0

@@ -258,7 +258,11 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # LightningCLI parses the rest (argparse would take its flags for its own)
+        args = argparse.Namespace(verb="train", arguments=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         COMMANDS[args.verb](args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:

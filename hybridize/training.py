@@ -25,6 +25,7 @@ def main(argv: list[str]) -> None:
         HybridStage,
         ChatDataModule,
         subclass_mode_model=True,
+        subclass_mode_data=True,
         auto_configure_optimizers=False,  # each stage builds its AdamW + schedule from its own arguments
         save_config_kwargs={"overwrite": True},
         args=argv,

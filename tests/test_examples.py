@@ -16,3 +16,18 @@ def test_custom_mixer_example_converts_generates_and_reloads():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cached generation == uncached loop, save/load round trip exact" in result.stdout
     assert "retention" in result.stdout  # the conversion table lists the custom mixer's layers
+
+
+def test_tiny_pipeline_runs_the_four_stages_with_the_real_configs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "tiny_pipeline.py"), "--out", str(tmp_path / "run"), "--steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "stages recorded in the final hybrid: layerwise_distillation -> end_to_end_distillation -> "
+        "supervised_fine_tuning -> long_sequence_sft" in result.stdout
+    )
+    assert "reply of the final hybrid:" in result.stdout

@@ -129,6 +129,7 @@ class EndToEndDistillation(DistillationStage):
         *,
         temperature: float = 2.0,
         ce_weight: float = 0.0,
+        ignore_vision_tokens: bool = True,
         ignore_token_ids: list[int] | None = None,
         **kwargs,
     ):
@@ -136,13 +137,17 @@ class EndToEndDistillation(DistillationStage):
         Args:
             temperature: softmax temperature of the KL (the loss is scaled by temperature^2).
             ce_weight: weight of an added cross-entropy term on the batch's labels (0: KL only).
-            ignore_token_ids: token ids left out of the KL besides padding (e.g. image placeholder tokens).
+            ignore_vision_tokens: leave the image/video placeholder tokens (the model config's image_token_id
+                and video_token_id) out of the KL: their logits predict nothing the model is asked for.
+            ignore_token_ids: further token ids left out of the KL (padding always is).
         """
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}.")
         super().__init__(checkpoint, **kwargs)
         self.temperature, self.ce_weight = temperature, ce_weight
-        self.ignore_token_ids = tuple(ignore_token_ids or ())
+        vision = [getattr(self.hybrid.config, key, None) for key in ("image_token_id", "video_token_id")]
+        vision = [token for token in vision if token is not None] if ignore_vision_tokens else []
+        self.ignore_token_ids = tuple(dict.fromkeys([*vision, *(ignore_token_ids or ())]))
 
     def valid_tokens(self, batch: dict) -> torch.Tensor:
         """Real tokens: the attention mask, or in packed batches (which have none) every non-pad token."""

@@ -42,6 +42,7 @@ SCHEDULES = ("cosine", "constant")
 TRAINABLE_PRESETS = {
     "mixers": ("mixer",),  # the converted layers' new token mixers
     "language_model": ("mixer", "attention", "decoder", "embeddings"),  # the text model, not the vision tower
+    "vision": ("vision",),  # the vision tower and projector
     "all": ("mixer", "attention", "decoder", "embeddings", "vision"),
     "lora": ("lora",),  # adapter weights (the long-sequence stage)
 }
@@ -82,14 +83,18 @@ def parameter_categories(model: nn.Module) -> dict[str, str]:
 
 def select_trainable(model: nn.Module, trainable: tuple[str, ...] | list[str]) -> dict[str, dict[str, int]]:
     """Train exactly the parameters named by `trainable` (preset names from TRAINABLE_PRESETS, or regular
-    expressions over parameter names); freeze the rest. Returns {category: {"trainable": n, "frozen": n}}."""
+    expressions over parameter names); freeze the rest. Returns {category: {"trainable": n, "frozen": n}}.
+
+    Regular expressions select among the text model's parameters only: vision towers have blocks named like
+    the decoder's (`mlp`, `attn`), so `\\.mlp\\.` must not unfreeze them; the `vision` preset does."""
     categories = parameter_categories(model)
     wanted_categories = {c for entry in trainable for c in TRAINABLE_PRESETS.get(entry, ())}
     patterns = [re.compile(entry) for entry in trainable if entry not in TRAINABLE_PRESETS]
     counts: dict[str, dict[str, int]] = defaultdict(lambda: {"trainable": 0, "frozen": 0})
     for name, parameter in model.named_parameters():
         category = categories[name]
-        train = category in wanted_categories or any(pattern.search(name) for pattern in patterns)
+        matched = category != "vision" and any(pattern.search(name) for pattern in patterns)
+        train = category in wanted_categories or matched
         parameter.requires_grad_(train)
         counts[category]["trainable" if train else "frozen"] += parameter.numel()
     if not any(row["trainable"] for row in counts.values()):

@@ -133,6 +133,10 @@ def test_sft_default_trains_mixers_output_projections_and_mlps():
         if n.startswith(prefixes) or ".self_attn.o_proj." in n or ".mlp." in n
     }
     assert module.parameter_counts["embeddings"]["trainable"] == 0
+    # The vision tower's blocks also have `.mlp.` parameters: patterns never unfreeze them.
+    vlm, _, _ = converted("qwen2_5_vl")
+    counts = SupervisedFineTuning(vlm, previous_stage=None).parameter_counts
+    assert counts["vision"]["trainable"] == 0 and counts["decoder"]["trainable"] > 0
 
 
 def test_lora_stage_trains_only_adapters_and_merges_back(tmp_path):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from hybridize import cli
 from hybridize.converters import convert, plan_layers, read_plan, save_hybrid
@@ -78,3 +80,30 @@ def test_a_stage_pointed_at_the_wrong_checkpoint_exits_with_the_reason(run, monk
     with pytest.raises(SystemExit):
         train("stage2_sft", run, run / "missing")
     assert "does not exist. Run the previous stage first" in capsys.readouterr().err
+
+
+ABLATIONS = sorted((CONFIGS.parent / "ablations").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_ablation_plans_match_their_conversion_commands(path):
+    """The plan an ablation's stages check is the plan its header's `hybridize convert` command builds."""
+    config = yaml.safe_load(path.read_text())
+    command = next(line for line in path.read_text().splitlines() if "hybridize convert" in line)
+    args = cli.build_parser().parse_args(shlex.split(command.split("hybridize", 1)[1]))
+    from_command = cli.build_plan(args, 36)
+    from_config = plan_layers(36, **config["model"]["init_args"]["plan"])
+    assert from_command.layers == from_config.layers
+    assert (CONFIGS / path.name).is_file()  # it layers over the InfiniteVL config of the same stage
+
+
+def test_configs_layer_over_each_other(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["hybridize"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--config", str(CONFIGS / "stage1_e2e.yaml"),
+                  "--config", str(CONFIGS.parent / "ablations" / "mixer_gla" / "stage1_e2e.yaml"), "--print_config"])  # fmt: skip
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    model = printed["model"]["init_args"]
+    assert model["plan"]["mixer"] == "gla" and model["temperature"] == 2.0
+    assert model["checkpoint"] == "runs/ablations/mixer_gla/stage1_layerwise/hybrid"

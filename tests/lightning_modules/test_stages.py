@@ -301,3 +301,21 @@ def test_the_recorded_base_model_is_the_default_teacher(tmp_path):
     path = save_hybrid(hybrid, tmp_path / "converted", tokenizer)
     module = LayerwiseDistillation(str(path))  # loads tiny-llama, recorded by the conversion
     assert module.parameter_counts["teacher attention"]["frozen"] > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        hybrid, teacher, _ = converted(seed=1)
+        module = EndToEndDistillation(
+            hybrid.double(),
+            teacher=teacher.double(),
+            previous_stage=None,
+            gradient_checkpointing=checkpointing,
+        )
+        assert module.hybrid.is_gradient_checkpointing == checkpointing
+        module.losses(batches(1)[0])["loss"].backward()
+        grads.append({n: p.grad for n, p in module.hybrid.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-10, atol=1e-12, msg=name)

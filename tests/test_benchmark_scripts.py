@@ -1,0 +1,61 @@
+"""The benchmark scripts run end to end on CPU with the tiny model (their GPU results are in benchmarks/results)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def benchmark_script(name: str, monkeypatch):
+    """A benchmark script imported as a module (benchmarks/ is not a package), for this test only."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_stages_times_every_variant(tmp_path, monkeypatch):
+    out = tmp_path / "train_stages.json"
+    variants = ["teacher_attention_ft", "stage1a_layerwise", "stage1b_end_to_end", "stage1b_end_to_end_ckpt"]
+    argv = ["--config", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--length", "32"]
+    monkeypatch.setattr(sys, "argv", ["train_stages.py", *argv, "--variants", *variants, "--out", str(out)])
+    benchmark_script("train_stages", monkeypatch).main()
+    report = json.loads(out.read_text())
+    assert list(report["variants"]) == variants
+    for name, result in report["variants"].items():
+        assert result["tokens_per_s"] > 0 and result["trainable_params"] > 0, name
+        assert len(result["step_s"]) == 1 and len(result["warmup_step_s"]) == 1, name
+    assert report["command"].startswith("python benchmarks/train_stages.py --config tiny")
+    table = out.with_suffix(".md").read_text()
+    assert all(f"| {name} |" in table for name in variants)
+
+
+# Three interpreters (one device, two devices and the launcher) take about a minute on a 2-core CPU.
+@pytest.mark.skipif(
+    not os.environ.get("HYBRIDIZE_DDP_TEST"),
+    reason="starts three Python processes (~1 minute); set HYBRIDIZE_DDP_TEST=1 to run it",
+)
+def test_two_processes_give_the_losses_of_one(tmp_path):
+    out = tmp_path / "comparison.json"
+    command = [sys.executable, str(BENCHMARKS / "distributed_loss_match.py"), "--config", "tiny"]
+    command += ["--accelerator", "cpu", "--both", "--devices", "2", "--steps", "5", "--length", "32"]
+    result = subprocess.run(
+        [*command, "--work-dir", str(tmp_path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    comparison = json.loads(out.read_text())["comparison"]
+    assert comparison["devices"] == [1, 2] and comparison["match"]
+    assert comparison["initial_params_max_abs_diff"] == 0
+    assert comparison["loss_max_rel_diff"] < 1e-5

@@ -39,9 +39,7 @@ def check_shared_weights(hybrid: nn.Module, teacher: nn.Module) -> None:
         name
         for name, parameter in shared
         if parameter.shape != teacher_weights[name].shape
-        or not torch.equal(
-            parameter.detach().cpu(), teacher_weights[name].detach().to("cpu", parameter.dtype)
-        )
+        or not torch.equal(parameter, teacher_weights[name].to(parameter.device, parameter.dtype))
     ]
     if not shared or different:
         raise ValueError(

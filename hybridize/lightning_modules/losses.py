@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from hybridize.mixers.ops.dtypes import compute_dtype
 
@@ -21,18 +22,38 @@ def masked_mse(output: torch.Tensor, target: torch.Tensor, valid: torch.Tensor |
     return masked_mean((output.to(dtype) - target.to(dtype)).pow(2).mean(-1), valid)
 
 
+def _token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of each row of (N, V) logits at `temperature`, in the compute dtype."""
+    dtype = compute_dtype(student_logits)
+    teacher = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+    student = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(-1)
+
+
 def distillation_kl(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     valid: torch.Tensor | None,
     temperature: float = 2.0,
+    chunk_tokens: int = 1024,
 ) -> torch.Tensor:
     """KL(teacher || student) per token at `temperature`, scaled by temperature^2 (so gradients keep their size
-    across temperatures), averaged over the tokens where `valid` (B, T) is True; fp32 (fp64 for fp64 logits)."""
-    dtype = compute_dtype(student_logits)
-    teacher = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
-    student = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    return masked_mean((teacher.exp() * (teacher - student)).sum(-1), valid) * temperature**2
+    across temperatures), averaged over the tokens where `valid` (B, T) is True; fp32 (fp64 for fp64 logits).
+
+    Computed `chunk_tokens` tokens at a time, each chunk recomputed in the backward pass: the fp32 softmaxes of
+    a 152K vocabulary over 8K tokens would otherwise hold ~30 GB at once."""
+    vocab = student_logits.shape[-1]
+    student, teacher = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+    weights = torch.ones(student.shape[0], device=student.device) if valid is None else valid.reshape(-1)
+    total = student.new_zeros((), dtype=compute_dtype(student_logits))
+    for start in range(0, student.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        if student.requires_grad:
+            per_token = checkpoint(_token_kl, student[rows], teacher[rows], temperature, use_reentrant=False)
+        else:
+            per_token = _token_kl(student[rows], teacher[rows], temperature)
+        total = total + (per_token * weights[rows]).sum()
+    return total / weights.sum().clamp(min=1) * temperature**2
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

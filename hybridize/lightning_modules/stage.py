@@ -241,6 +241,8 @@ class HybridStage(L.LightningModule):
         self.dtype_frozen = parse_dtype(dtype)
         if isinstance(checkpoint, nn.Module):
             self.hybrid, self.processor = checkpoint, processor
+            if self.dtype_frozen is not None:
+                self.hybrid.to(self.dtype_frozen)
         else:
             self.hybrid = load(checkpoint, dtype=self.dtype_frozen)
             self.processor = processor if processor is not None else load_processor(checkpoint)

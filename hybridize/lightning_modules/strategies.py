@@ -1,8 +1,10 @@
 """FSDP for hybrids: shard by decoder layer, whatever the model family.
 
 Lightning's FSDPStrategy takes the classes to wrap up front, but a stage only knows its model after it has
-loaded it. `DecoderLayerFSDP` finds the decoder layer class (and the teacher attention beside each mixer stays
-inside its layer's unit) when the strategy wraps the module. Frozen and trainable parameters share units, so
+loaded it. `DecoderLayerFSDP` finds the decoder layer class and the mixer classes when the strategy wraps the
+module (a mixer trains in fp32 beside its layer's bf16 frozen weights, and FSDP flattens one dtype per unit).
+Run on CPU (gloo) only so far; the multi-GPU runs used DDP. LoRA adapters (fp32 inside bf16 linear layers)
+need `dtype: fp32` under FSDP. Frozen and trainable parameters share units, so
 `use_orig_params=True`; checkpoints are gathered whole (`state_dict_type="full"`) so the stage keeps only the
 trainable tensors in them.
 
@@ -17,6 +19,7 @@ from torch import nn
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from hybridize.converters.discovery import find_decoder_layout
+from hybridize.mixers.base import TokenMixer
 
 
 class DecoderLayerFSDP(FSDPStrategy):
@@ -27,6 +30,12 @@ class DecoderLayerFSDP(FSDPStrategy):
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         if "auto_wrap_policy" not in self.kwargs:
-            layers = find_decoder_layout(self.lightning_module.hybrid).layers
-            self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy({type(layer) for layer in layers})
+            hybrid = self.lightning_module.hybrid
+            classes = {type(layer) for layer in find_decoder_layout(hybrid).layers}
+            # Mixers are units of their own: they train in fp32 while their layer's frozen weights may be bf16,
+            # and FSDP flattens one dtype per unit.
+            classes |= {
+                type(m) for m in hybrid.modules() if isinstance(m, TokenMixer) and not m.wraps_attention
+            }
+            self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(classes)
         return super()._setup_model(model)

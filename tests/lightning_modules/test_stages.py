@@ -95,6 +95,22 @@ def test_kl_ignores_padding():
     torch.testing.assert_close(plain, extra, rtol=1e-9, atol=1e-12)
 
 
+def test_chunked_kl_has_the_values_and_gradients_of_the_whole():
+    student = torch.randn(3, 7, 13, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 7, 13, dtype=torch.float64)
+    valid = torch.rand(3, 7) > 0.3
+    whole = distillation_kl(student, teacher, valid, 2.0, chunk_tokens=21)
+    (grad_whole,) = torch.autograd.grad(whole, student)
+    chunked = distillation_kl(student, teacher, valid, 2.0, chunk_tokens=4)
+    (grad_chunked,) = torch.autograd.grad(chunked, student)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad_chunked, grad_whole, rtol=1e-12, atol=1e-14)
+    # The same as the plain formula.
+    log_t, log_s = teacher.div(2).log_softmax(-1), student.div(2).log_softmax(-1)
+    expected = ((log_t.exp() * (log_t - log_s)).sum(-1) * valid).sum() / valid.sum() * 4
+    torch.testing.assert_close(whole, expected)
+
+
 def test_kl_is_zero_for_identical_logits_and_masks_tokens():
     logits = torch.randn(2, 5, 11)
     assert distillation_kl(logits, logits, None).abs() < 1e-6

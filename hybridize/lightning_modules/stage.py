@@ -32,6 +32,7 @@ from hybridize.converters.checkpoint import (
 from hybridize.converters.discovery import find_decoder_layout
 from hybridize.converters.hybrid_model import PLAN_KEY
 from hybridize.converters.plan import LayerPlan, plan_layers
+from hybridize.lightning_modules.packing import packed_position_ids
 from hybridize.mixers.base import TokenMixer
 
 STAGES_KEY = "stages"  # in the config's `hybridize` section: the stages run on this checkpoint, in order
@@ -57,11 +58,13 @@ def parameter_categories(model: nn.Module) -> dict[str, str]:
 
     layout = find_decoder_layout(model)
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    owners: dict[int, str] = {}
-    for module in model.modules():  # innermost owner wins: later assignments override outer ones
-        if module is output_embeddings or module is layout.decoder:
-            for parameter in module.parameters():
-                owners.setdefault(id(parameter), "embeddings")
+    # Outer owners first; each inner one below overrides them for its own parameters.
+    owners = {
+        id(p): "embeddings"
+        for module in (layout.decoder, output_embeddings)
+        if module
+        for p in module.parameters()
+    }
     for layer in layout.layers:
         for parameter in layer.parameters():
             owners[id(parameter)] = "decoder"
@@ -280,8 +283,6 @@ class HybridStage(L.LightningModule):
 
     # --- the loop -------------------------------------------------------------------------------------
     def model_inputs(self, batch: dict) -> dict:
-        from hybridize.lightning_modules.packing import packed_position_ids
-
         inputs = {key: value for key, value in batch.items() if key != "labels"}
         if "cu_seq_lens_q" in inputs:
             inputs["position_ids"] = packed_position_ids(self.hybrid, inputs)

@@ -15,14 +15,30 @@ from transformers.cache_utils import DynamicLayer
 
 
 class MixerCacheLayer(DynamicLayer):
-    """One layer's mixer states (name -> tensor, batch first) and the number of tokens they have seen."""
+    """One layer's mixer states (name -> tensor, batch first) and the number of tokens they have seen.
+
+    `in_place=True` (static caches, see `hybridize.inference.static_cache`): once a state exists, new values are
+    copied into it, so its address never changes and a CUDA graph captured over it stays valid.
+    """
 
     is_croppable = False
 
-    def __init__(self) -> None:
+    def __init__(self, in_place: bool = False) -> None:
         super().__init__()
         self.states: dict[str, torch.Tensor] = {}
         self.seen_tokens = 0
+        self.in_place = in_place
+
+    def store(self, **states: torch.Tensor) -> None:
+        """Keep a mixer's new states: they replace the old ones, or are copied into them when `in_place`."""
+        for name, value in states.items():
+            held = self.states.get(name)
+            if not self.in_place:
+                self.states[name] = value
+            elif held is None:
+                self.states[name] = value.clone(memory_format=torch.contiguous_format)
+            else:
+                held.copy_(value)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         raise RuntimeError(

@@ -200,7 +200,7 @@ class GatedDeltaNetMixer(TokenMixer):
             backend=self.config.backend,
         )
         if cache is not None:
-            cache.states.update(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v, recurrent=recurrent)
+            cache.store(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v, recurrent=recurrent)
             cache.advance(length)
 
         gate = self.g_proj(hidden_states).view(batch, length, self.num_heads, self.head_v_dim)

@@ -180,9 +180,9 @@ class GLAMixer(TokenMixer):
             backend=self.config.backend,
         )
         if cache is not None:
-            cache.states["recurrent"] = recurrent  # (B, H, K, V) fp32
+            cache.store(recurrent=recurrent)  # (B, H, K, V) fp32
             if self.config.use_short_conv:
-                cache.states.update(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v)
+                cache.store(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v)
             cache.advance(length)
 
         gate = self.g_proj(hidden_states).view(batch, length, self.num_heads, self.head_v_dim)

@@ -201,7 +201,7 @@ class Mamba2Mixer(TokenMixer):
             backend=self.config.backend,
         )
         if cache is not None:
-            cache.states.update(conv=conv_state, ssm=ssm_state)
+            cache.store(conv=conv_state, ssm=ssm_state)
             cache.advance(length)
 
         y = self.norm(y.reshape(batch, length, self.inner_size), z)

@@ -94,23 +94,14 @@ class SlidingWindowMixer(TokenMixer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        batch, length, _ = hidden_states.shape
-        valid = key_padding_mask(attention_mask, length)
-        if valid is None:
-            valid = torch.ones(batch, length, dtype=torch.bool, device=hidden_states.device)
         slot = self._cache_slot(past_key_values)
-        if slot is None:
-            kv_length, kv_offset, seen, keys_valid = length, 0, 0, valid
+        decode_mask = getattr(slot, "decode_mask", None)
+        if decode_mask is not None:
+            # A static cache's decode step (hybridize.inference.static_cache): its ring buffer of `window` slots
+            # says which hold real tokens with device tensors alone, so that the step can be a CUDA graph.
+            mask = decode_mask
         else:
-            kv_length, kv_offset = slot.get_mask_sizes(length)
-            seen = slot.get_seq_length()
-            past_valid = getattr(slot, "key_padding", valid[:, :0])
-            keys_valid = torch.cat([past_valid, valid], dim=1)[:, -kv_length:]
-            slot.key_padding = keys_valid[:, -(self.window - 1) :] if self.window > 1 else valid[:, :0]
-        if seen + length <= self.window:
-            mask = attention_mask  # every key is inside the window: the model's causal mask is already right
-        else:
-            mask = self._sliding_mask(keys_valid, seen, length, kv_offset, hidden_states)
+            mask = self._prefill_mask(hidden_states, attention_mask, slot)
         out, _ = self.attention(
             hidden_states=hidden_states,
             attention_mask=mask,
@@ -122,13 +113,38 @@ class SlidingWindowMixer(TokenMixer):
         )
         return out, None
 
-    def _cache_slot(self, past_key_values) -> DynamicSlidingWindowLayer | None:
+    def _prefill_mask(self, hidden_states: torch.Tensor, attention_mask, slot):
+        """The mask for these tokens: the model's causal mask while every key is inside the window, else a
+        sliding mask built from the padding of the cached keys (tracked on the slot) and of these tokens."""
+        batch, length, _ = hidden_states.shape
+        valid = key_padding_mask(attention_mask, length)
+        if valid is None:
+            valid = torch.ones(batch, length, dtype=torch.bool, device=hidden_states.device)
+        if slot is None:
+            kv_length, kv_offset, seen, keys_valid = length, 0, 0, valid
+        else:
+            kv_length, kv_offset = slot.get_mask_sizes(length)
+            seen = slot.get_seq_length()
+            past_valid = getattr(slot, "key_padding", valid[:, :0])
+            keys_valid = torch.cat([past_valid, valid], dim=1)[:, -kv_length:]
+            slot.key_padding = keys_valid[:, -(self.window - 1) :] if self.window > 1 else valid[:, :0]
+        # Every key inside the window: the model's causal mask is right if it spans these queries and keys (a
+        # static cache hands mixers only the new tokens' padding).
+        spans = attention_mask is None or (
+            attention_mask.shape[-1] == kv_length
+            and (attention_mask.dim() != 4 or attention_mask.shape[-2] == length)
+        )
+        if seen + length <= self.window and spans:
+            return attention_mask
+        return self._sliding_mask(keys_valid, seen, length, kv_offset, hidden_states)
+
+    def _cache_slot(self, past_key_values):
         if past_key_values is None:
             return None
         layers = past_key_values.layers
         while len(layers) <= self.layer_idx:
             layers.append(past_key_values.layer_class_to_replicate())
-        if not isinstance(layers[self.layer_idx], DynamicSlidingWindowLayer):
+        if not getattr(layers[self.layer_idx], "is_sliding", False):  # dynamic window or static ring buffer
             if layers[self.layer_idx].get_seq_length() > 0:
                 raise RuntimeError(
                     f"Cache slot {self.layer_idx} was filled by a layer that was not sliding-window."

@@ -1,0 +1,368 @@
+"""A preallocated cache with fixed tensor addresses, so that a decode step can be captured in a CUDA graph.
+
+Each decoder layer gets a slot by what it computes:
+- softmax attention keeps keys and values in a buffer of `capacity` slots, token i (counting left padding)
+  in slot i % capacity: a ring of `window` slots for sliding-window layers, `max_length` slots for full
+  attention;
+- a linear mixer keeps its states (recurrent in fp32, conv) in a `MixerCacheLayer` that overwrites them in
+  place (`in_place=True`); they are allocated by the first prefill.
+
+The cache works in two modes. Prefill (eager, any number of tokens): each attention layer gets the cached
+keys in order followed by the new ones and reports the mask sizes of transformers' dynamic layers
+(`DynamicSlidingWindowLayer`, `DynamicLayer`), so the model's own masks apply. Decode (`decoding`, one
+token): everything that changes from step to step lives in device tensors updated in place - the slot the
+new token is written to (`length % capacity`), which slots hold real tokens (`valid`: left padding never
+does, until a real token overwrites it) and the next token's position ids - so the step can be replayed.
+`hybridize.inference.decode.StaticDecoder` drives both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
+
+from hybridize.converters.discovery import attention_spec, find_decoder_layout
+from hybridize.mixers.base import TokenMixer
+from hybridize.mixers.cache import MixerCacheLayer
+from hybridize.mixers.full_attention import FullAttentionMixer
+from hybridize.mixers.sliding_window import SlidingWindowMixer
+
+LINEAR, SLIDING, FULL = "linear", "sliding", "full"
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """What one decoder layer keeps: `kind` is "linear" (mixer states), "sliding" (a ring of `capacity` =
+    window slots) or "full" (`capacity` = max_length slots); attention layers also give their key/value heads."""
+
+    kind: str
+    capacity: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+
+
+def layer_layouts(model: nn.Module, max_length: int) -> list[LayerLayout]:
+    """The layout of every decoder layer of `model` (a hybrid or a stock transformers decoder)."""
+    layout = find_decoder_layout(model)
+    text_config = layout.text_config
+    layer_types = getattr(text_config, "layer_types", None)
+    layouts = []
+    for idx in range(len(layout.layers)):
+        module = layout.attention(idx)
+        if isinstance(module, TokenMixer) and not module.wraps_attention:
+            layouts.append(LayerLayout(LINEAR))
+            continue
+        spec = attention_spec(module, text_config)
+        if isinstance(module, SlidingWindowMixer):
+            kind, capacity = SLIDING, module.window
+        elif (
+            isinstance(module, FullAttentionMixer) or not layer_types or layer_types[idx] == "full_attention"
+        ):
+            kind, capacity = FULL, max_length
+        elif layer_types[idx] == "sliding_attention":
+            kind, capacity = SLIDING, text_config.sliding_window
+        else:
+            raise NotImplementedError(
+                f"Layer {idx} has layer type {layer_types[idx]!r}; the static cache keeps 'full_attention' and "
+                "'sliding_attention' layers and hybridize's mixers."
+            )
+        layouts.append(LayerLayout(kind, capacity, spec.num_kv_heads, spec.head_dim))
+    return layouts
+
+
+class StaticAttentionLayer(DynamicLayer):
+    """Keys and values of one softmax attention layer in a buffer of `capacity` slots (B, heads, capacity, D).
+
+    A `DynamicLayer` to transformers (an ordinary attention slot); `is_sliding` for ring buffers, which the
+    sliding-window mixer and the mask functions look for.
+    """
+
+    is_croppable = False
+
+    def __init__(self, cache: StaticHybridCache, layout: LayerLayout):
+        super().__init__()
+        self.cache = cache
+        self.capacity = layout.capacity
+        self.window = layout.capacity if layout.kind == SLIDING else None
+        self.is_sliding = self.window is not None
+        shape = (cache.batch_size, layout.kv_heads, layout.capacity, layout.head_dim)
+        self.keys = torch.zeros(shape, dtype=cache.dtype, device=cache.device)
+        self.values = torch.zeros(shape, dtype=cache.dtype, device=cache.device)
+        self.dtype, self.device = cache.dtype, cache.device
+        self.is_initialized = True
+
+    @property
+    def decode_mask(self) -> torch.Tensor | None:
+        """(B, 1, 1, capacity) bool, True at slots that hold real tokens, while the cache decodes; else None."""
+        return self.cache.decode_masks[self.capacity] if self.cache.decoding else None
+
+    @property
+    def key_padding(self) -> torch.Tensor:
+        """(B, kept) bool: which of the cached keys a prefill gets (see `update`) are real tokens. The
+        sliding-window mixer reads it; it follows the cache's `valid`, so the mixer's own writes are ignored."""
+        seen = self.cache.seen_tokens
+        kept = min(seen, self.capacity if self.window is None else self.window - 1)
+        return self.cache.valid[self.capacity][:, self._slots(seen - kept, seen)]
+
+    @key_padding.setter
+    def key_padding(self, value: torch.Tensor) -> None:
+        pass
+
+    def _slots(self, start: int, stop: int) -> torch.Tensor:
+        return torch.arange(start, stop, device=self.device) % self.capacity
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.cache.decoding:  # (B, heads, 1, D) into the step's slot; attention reads the whole buffer
+            slot = self.cache.write_slots[self.capacity]
+            self.keys.index_copy_(2, slot, key_states)
+            self.values.index_copy_(2, slot, value_states)
+            return self.keys, self.values
+        seen, length = self.cache.seen_tokens, key_states.shape[-2]
+        # The cached keys the new tokens can reach, oldest first: the last window - 1, or all of them.
+        kept = min(seen, self.capacity if self.window is None else self.window - 1)
+        past = self._slots(seen - kept, seen)
+        keys = torch.cat([self.keys.index_select(2, past), key_states], dim=-2)
+        values = torch.cat([self.values.index_select(2, past), value_states], dim=-2)
+        written = min(length, self.capacity)  # only the newest `capacity` tokens stay
+        slots = self._slots(seen + length - written, seen + length)
+        self.keys.index_copy_(2, slots, key_states[:, :, length - written :])
+        self.values.index_copy_(2, slots, value_states[:, :, length - written :])
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        seen = self.cache.seen_tokens
+        if self.window is None:
+            return seen + query_length, 0
+        kv_offset = max(seen - self.window + 1, 0)
+        return min(seen, self.window - 1) + query_length, kv_offset
+
+    def get_seq_length(self) -> int:
+        return self.cache.seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1 if self.window is not None else self.capacity
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocated up front: nothing to do."""
+
+    def reset(self) -> None:
+        self.keys.zero_()
+        self.values.zero_()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError(
+            "A static cache cannot be cropped; copy an earlier state back with copy_from instead."
+        )
+
+    def _unsupported(self, *args, **kwargs) -> None:
+        raise RuntimeError(
+            "A static cache keeps a fixed batch; build one per batch size (beam search is not supported)."
+        )
+
+    reorder_cache = batch_repeat_interleave = batch_select_indices = offload = _unsupported
+
+
+class StaticHybridCache(Cache):
+    """Preallocated per-layer state for decoding `batch_size` sequences of up to `max_length` tokens (the
+    bound only matters for full-attention layers; sliding-window and linear layers take any length).
+
+    Build it with `StaticHybridCache.for_model(model, batch_size, max_length)`. Device state: `length` (tokens
+    written, padding included), `position` (the next token's position ids, shaped as the model takes them for
+    one token: (B, 1), or (3|4, B, 1) for Qwen-VL M-RoPE), `valid` (per capacity, (B, capacity) bool).
+    `seen_tokens` mirrors `length` on the host for the eager prefill.
+    """
+
+    def __init__(
+        self, layouts: list[LayerLayout], batch_size: int, dtype: torch.dtype, device: torch.device | str
+    ):
+        self.layouts = list(layouts)
+        self._batch_size, self.dtype, self.device = batch_size, dtype, torch.device(device)
+        self.seen_tokens = 0
+        self.decoding = False
+        self.length = torch.zeros((), dtype=torch.long, device=self.device)
+        self.position: torch.Tensor | None = None
+        capacities = sorted({layout.capacity for layout in layouts if layout.kind != LINEAR})
+        self.valid = {c: torch.zeros(batch_size, c, dtype=torch.bool, device=self.device) for c in capacities}
+        self.decode_masks = {c: valid[:, None, None, :] for c, valid in self.valid.items()}
+        self.write_slots = {c: torch.zeros(1, dtype=torch.long, device=self.device) for c in capacities}
+        super().__init__(
+            layers=[
+                MixerCacheLayer(in_place=True)
+                if layout.kind == LINEAR
+                else StaticAttentionLayer(self, layout)
+                for layout in layouts
+            ]
+        )
+
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        batch_size: int,
+        max_length: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> StaticHybridCache:
+        """A cache laid out for `model`'s decoder layers, in the model's dtype and on its device by default."""
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(
+                f"batch_size and max_length must be positive, got {batch_size} and {max_length}."
+            )
+        parameter = next(model.parameters())
+        return cls(
+            layer_layouts(model, max_length),
+            batch_size,
+            dtype or parameter.dtype,
+            device if device is not None else parameter.device,
+        )
+
+    # --- what transformers asks of a cache -------------------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def is_compileable(self) -> bool:
+        return False  # transformers' compiled-decode shortcuts assume its own static layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    # --- bookkeeping, used by StaticDecoder ------------------------------------------------------------
+
+    def layer_indices(self, kind: str) -> list[int]:
+        return [idx for idx, layout in enumerate(self.layouts) if layout.kind == kind]
+
+    @property
+    def full_capacity(self) -> int | None:
+        """Tokens the full-attention layers can hold (None without full-attention layers)."""
+        full = [self.layouts[idx].capacity for idx in self.layer_indices(FULL)]
+        return min(full) if full else None
+
+    def check_room(self, new_tokens: int) -> None:
+        """Fail before any work if `new_tokens` more tokens would overflow the full-attention buffers."""
+        capacity = self.full_capacity
+        if capacity is not None and self.seen_tokens + new_tokens > capacity:
+            raise ValueError(
+                f"The cache holds {self.seen_tokens} tokens and {new_tokens} more were asked for, but its "
+                f"full-attention layers keep {capacity} (max_length); build the cache with max_length >= "
+                f"{self.seen_tokens + new_tokens}."
+            )
+
+    def record_tokens(self, valid: torch.Tensor, next_position: torch.Tensor) -> None:
+        """After a prefill forward of T tokens: mark which were real (`valid`, (B, T) bool), count them and set the
+        next token's position ids (copied into the same tensor every time, so a captured step keeps reading it)."""
+        length = valid.shape[1]
+        for capacity, slots_valid in self.valid.items():
+            written = min(length, capacity)
+            slots = torch.arange(
+                self.seen_tokens + length - written, self.seen_tokens + length, device=self.device
+            )
+            slots_valid.index_copy_(1, slots % capacity, valid[:, length - written :].to(self.device))
+        self.length += length
+        self.advance_host(length)
+        if self.position is None or self.position.shape != next_position.shape:
+            self.position = next_position.to(self.device, torch.long).clone()
+        else:
+            self.position.copy_(next_position)
+
+    def padding_history(self) -> torch.Tensor:
+        """(B, seen_tokens) bool: which tokens so far were real, as far as the buffers remember (older tokens,
+        out of every window, count as real; no layer reads them)."""
+        history = torch.ones(self.batch_size, self.seen_tokens, dtype=torch.bool, device=self.device)
+        if self.seen_tokens and self.valid:
+            capacity = max(self.valid)
+            kept = min(self.seen_tokens, capacity)
+            slots = torch.arange(self.seen_tokens - kept, self.seen_tokens, device=self.device) % capacity
+            history[:, self.seen_tokens - kept :] = self.valid[capacity][:, slots]
+        return history
+
+    def begin_decode_step(self) -> None:
+        """Device ops at the start of a decode step: the new token's slot in each buffer, now holding a real token."""
+        for capacity, slot in self.write_slots.items():
+            slot.copy_(self.length % capacity)
+            self.valid[capacity].index_fill_(1, slot, True)
+
+    def end_decode_step(self) -> None:
+        """Device ops at the end of a decode step: one more token, and the next one's positions."""
+        self.length += 1
+        self.position += 1
+
+    def advance_host(self, num_tokens: int) -> None:
+        """Count `num_tokens` more tokens on the host (a replayed step runs no Python)."""
+        self.seen_tokens += num_tokens
+        for idx in self.layer_indices(LINEAR):
+            self.layers[idx].seen_tokens = self.seen_tokens
+
+    @property
+    def mixer_states_ready(self) -> bool:
+        return all(self.layers[idx].states for idx in self.layer_indices(LINEAR))
+
+    def reset(self) -> None:
+        """Back to no tokens, keeping every buffer (and so any CUDA graph captured over them)."""
+        for layer in self.layers:
+            layer.reset()
+        for valid in self.valid.values():
+            valid.zero_()
+        self.length.zero_()
+        if self.position is not None:
+            self.position.zero_()
+        self.seen_tokens = 0
+        self.advance_host(0)
+
+    # --- branching ---------------------------------------------------------------------------------------
+
+    def _state(self) -> list[tuple[str, torch.Tensor]]:
+        named = [("length", self.length), *((f"valid[{c}]", v) for c, v in self.valid.items())]
+        for idx, layer in enumerate(self.layers):
+            if isinstance(layer, MixerCacheLayer):
+                named += [(f"layers[{idx}].{name}", layer.states[name]) for name in sorted(layer.states)]
+            else:
+                named += [(f"layers[{idx}].keys", layer.keys), (f"layers[{idx}].values", layer.values)]
+        return named
+
+    def copy_from(self, other: StaticHybridCache) -> StaticHybridCache:
+        """Copy `other`'s whole state into this cache's own tensors (their addresses stay, so a CUDA graph
+        captured over this cache decodes from `other`'s state). Both must have one layout and batch size."""
+        if self.layouts != other.layouts or self.batch_size != other.batch_size:
+            raise ValueError(
+                "copy_from needs two caches of one layout and batch size (build both with the same model, "
+                f"batch_size and max_length); got batch {other.batch_size} into batch {self.batch_size}."
+            )
+        for idx in self.layer_indices(LINEAR):  # mixer states exist once a prefill ran
+            mine, theirs = self.layers[idx].states, other.layers[idx].states
+            for name, state in theirs.items():
+                if name not in mine:
+                    mine[name] = torch.empty_like(state)
+            for name in set(mine) - set(theirs):
+                mine[name].zero_()
+        for (_, mine), (_, theirs) in zip(self._state(), other._state(), strict=True):
+            mine.copy_(theirs)
+        if other.position is None:
+            self.position = None
+        elif self.position is None or self.position.shape != other.position.shape:
+            self.position = other.position.clone()
+        else:
+            self.position.copy_(other.position)
+        self.seen_tokens = other.seen_tokens
+        self.advance_host(0)
+        return self
+
+    def clone(self) -> StaticHybridCache:
+        """A new cache with its own buffers holding a copy of this one's state (e.g. to branch a stream)."""
+        return StaticHybridCache(self.layouts, self.batch_size, self.dtype, self.device).copy_from(self)
+
+    def nbytes(self) -> int:
+        return sum(tensor.numel() * tensor.element_size() for _, tensor in self._state())
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{kind}: {len(self.layer_indices(kind))}" for kind in (SLIDING, FULL, LINEAR))
+        return f"StaticHybridCache(batch_size={self.batch_size}, seen_tokens={self.seen_tokens}, layers {{{kinds}}})"

@@ -1,0 +1,197 @@
+"""The static cache and its decoder against generate() with the dynamic cache (fp64, so that rounding can never
+flip a token: any difference is a bug), the CUDA-graph step against the eager one, and the input checks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AttentionInterface
+
+from hybridize.converters import convert, plan_layers
+from hybridize.inference.decode import (
+    DECODE_ATTENTION,
+    StaticDecoder,
+    generate_fast,
+    grouped_decode_attention,
+)
+from hybridize.inference.static_cache import FULL, LINEAR, SLIDING, StaticHybridCache
+from hybridize.presets import tiny_model
+from tests.inference.test_generation import left_padded_image_batch
+
+NEW_TOKENS = 8
+
+
+def fp64(model):
+    return copy.deepcopy(model).double().eval()
+
+
+def text_batch(vocab: int = 256, lengths: tuple[int, ...] = (21, 13), seed: int = 0) -> dict:
+    """Random token ids, left-padded to the longest row."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        input_ids[row, width - length :] = torch.randint(3, vocab, (length,), generator=generator)
+        attention_mask[row, width - length :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def check_matches_generate(model, inputs: dict, **options) -> torch.Tensor:
+    with torch.no_grad():
+        torch.manual_seed(0)
+        expected = model.generate(**inputs, max_new_tokens=NEW_TOKENS, **options)
+        torch.manual_seed(0)
+        fast = generate_fast(model, **inputs, max_new_tokens=NEW_TOKENS, **options)
+    assert torch.equal(fast, expected)
+    return fast
+
+
+@pytest.fixture(scope="module")
+def vl_hybrid(tiny_hybrid):
+    return fp64(tiny_hybrid)
+
+
+@pytest.fixture(scope="module")
+def vl_inputs(tiny_teacher):
+    inputs = left_padded_image_batch(tiny_teacher[1])
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    return inputs
+
+
+def test_vl_hybrid_with_image_greedy_and_sampled(vl_hybrid, vl_inputs):
+    """InfiniteVL layout (native SWA window 8, Gated DeltaNet), an image, a left-padded batch of 2: the prompt
+    (109 tokens) wraps the ring buffer many times over."""
+    cache = StaticHybridCache.for_model(vl_hybrid, 2, 200)
+    assert [layout.kind for layout in cache.layouts] == [SLIDING, *[LINEAR] * 3] * 2
+    assert vl_inputs["input_ids"].shape[1] > 8 * 10
+    check_matches_generate(vl_hybrid, vl_inputs, do_sample=False)
+    check_matches_generate(vl_hybrid, vl_inputs, do_sample=True, temperature=0.7, top_k=40, top_p=0.9)
+
+
+def test_rows_finishing_early_end_like_generate(vl_hybrid, vl_inputs):
+    """generate() pads rows that emitted an end-of-sequence token and stops once all have: with the
+    second and fifth greedy tokens made end-of-sequence tokens, the output is cut at the same step."""
+    with torch.no_grad():
+        greedy = vl_hybrid.generate(**vl_inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    prompt = vl_inputs["input_ids"].shape[1]
+    eos = [int(greedy[0, prompt + 1]), int(greedy[1, prompt + 4])]
+    with torch.no_grad():
+        expected = vl_hybrid.generate(
+            **vl_inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=eos
+        )
+        fast = generate_fast(
+            vl_hybrid, **vl_inputs, max_new_tokens=NEW_TOKENS, eos_token_id=eos, sync_every=3
+        )
+    assert expected.shape[1] < prompt + NEW_TOKENS
+    assert torch.equal(fast, expected)
+
+
+@pytest.mark.parametrize(
+    ("family", "plan"),
+    [
+        ("llama", dict(ratio="1/2", window=5)),  # no native window: the sliding-window mixer
+        ("qwen2", dict(ratio="1/2", window=5, mixer="mamba2,gla")),  # native window, other mixers
+        ("qwen2", dict(ratio="0")),  # linear mixers only: no attention buffers at all
+        (
+            "llama",
+            dict(layers="1:gated_deltanet,3:sliding_window", window=5),
+        ),  # full attention kept: static KV
+    ],
+    ids=["llama-swa-mixer", "qwen2-mamba2-gla", "qwen2-all-linear", "llama-full-attention"],
+)
+def test_text_families_match_generate(family, plan):
+    teacher = tiny_model(family, num_hidden_layers=4)
+    torch.manual_seed(0)
+    hybrid, _ = convert(teacher, plan_layers(4, **plan), progress=False)
+    check_matches_generate(fp64(hybrid), text_batch(), do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def llama_hybrid():
+    teacher = tiny_model("llama", num_hidden_layers=4)
+    torch.manual_seed(0)
+    hybrid, _ = convert(
+        teacher, plan_layers(4, layers="1:gated_deltanet,3:sliding_window", window=5), progress=False
+    )
+    return fp64(hybrid)
+
+
+def test_chunked_prefill_equals_one_forward(llama_hybrid):
+    inputs = text_batch(lengths=(23, 17))
+    logits = {}
+    for chunk_size in (None, 4):
+        cache = StaticHybridCache.for_model(llama_hybrid, 2, 64)
+        decoder = StaticDecoder(llama_hybrid, cache)
+        logits[chunk_size] = decoder.prefill(**inputs, chunk_size=chunk_size)
+        logits[chunk_size] = torch.cat([logits[chunk_size], decoder.step(logits[chunk_size].argmax(-1))])
+    torch.testing.assert_close(logits[4], logits[None], rtol=1e-10, atol=1e-10)
+
+
+def test_copy_from_restores_a_branch(llama_hybrid, monkeypatch):
+    """A stream state saved with clone() and copied back decodes exactly as before the branch (and the decode
+    steps' attention is the grouped one, in the two full-attention layers and the sliding-window one)."""
+    calls = []
+
+    def counting(module, *args, **kwargs):
+        calls.append(module)
+        return grouped_decode_attention(module, *args, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, DECODE_ATTENTION, counting)
+    cache = StaticHybridCache.for_model(llama_hybrid, 2, 64)
+    decoder = StaticDecoder(llama_hybrid, cache)
+    first = decoder.prefill(**text_batch()).argmax(-1)
+    saved = cache.clone()
+    expected = [decoder.step(first).clone()]
+    expected.append(decoder.step(expected[-1].argmax(-1)).clone())
+    decoder.step(torch.zeros_like(first))  # wander off on the branch
+    cache.copy_from(saved)
+    assert cache.seen_tokens == saved.seen_tokens
+    replayed = [decoder.step(first).clone()]
+    replayed.append(decoder.step(replayed[-1].argmax(-1)).clone())
+    for got, want in zip(replayed, expected, strict=True):
+        assert torch.equal(got, want)
+    assert len(calls) == 5 * 3 and llama_hybrid.config._attn_implementation == "sdpa"
+
+
+def test_bad_inputs_fail_before_any_work(llama_hybrid):
+    inputs = text_batch()
+    cache = StaticHybridCache.for_model(llama_hybrid, 2, 24)
+    assert cache.full_capacity == 24 and [layout.kind for layout in cache.layouts] == [
+        FULL,
+        LINEAR,
+        FULL,
+        SLIDING,
+    ]
+    decoder = StaticDecoder(llama_hybrid, cache)
+    with pytest.raises(ValueError, match="batch_size=2"):
+        decoder.prefill(**text_batch(lengths=(5,)))
+    with pytest.raises(ValueError, match="full-attention layers keep 24"):
+        generate_fast(llama_hybrid, **inputs, max_new_tokens=8, decoder=decoder)
+    assert cache.seen_tokens == 0 and not cache.length
+    with pytest.raises(RuntimeError, match="prefill"):
+        decoder.step(torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_beams=1"):
+        generate_fast(llama_hybrid, **inputs, max_new_tokens=2, num_beams=2)
+    with pytest.raises(ValueError, match="cuda_graph=True"):
+        StaticDecoder(llama_hybrid, cache, cuda_graph=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_matches_eager(tiny_hybrid, vl_inputs):
+    """The captured step replays to the eager step's tokens (fp32 on the GPU, fla kernels where installed)."""
+    model = copy.deepcopy(tiny_hybrid).cuda().float()
+    inputs = {key: value.cuda() for key, value in vl_inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].float()
+    outputs = {}
+    for cuda_graph in (False, True):
+        decoder = StaticDecoder(model, StaticHybridCache.for_model(model, 2, 200), cuda_graph=cuda_graph)
+        outputs[cuda_graph] = generate_fast(
+            model, **inputs, max_new_tokens=16, decoder=decoder, do_sample=False
+        )
+        assert (decoder.graph is not None) == cuda_graph
+    assert torch.equal(outputs[True], outputs[False])
+    with torch.no_grad():
+        assert torch.equal(outputs[True], model.generate(**inputs, max_new_tokens=16, do_sample=False))

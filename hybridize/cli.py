@@ -1,4 +1,4 @@
-"""`hybridize <verb>`: convert a model, train it (stage by stage), inspect a hybrid, generate with it.
+"""`hybridize <verb>`: convert a model, train it (stage by stage), inspect a hybrid, generate or stream video with it.
 
 Every argument is checked (and the output directory refused) before any model is loaded, so bad input
 fails in a second with one line that says what to change.
@@ -85,6 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--dtype", default=None)
     generate.add_argument("--device", default=None)
+
+    stream = verbs.add_parser(
+        "stream",
+        help="stream a video into a saved hybrid frame by frame and answer questions at given times",
+        description="Decode VIDEO (PyAV), feed frames sampled at --fps to a StreamingSession in constant "
+        "memory, and answer each --ask at its --at times (comma-separated, e.g. 10s,1:30). The i-th --at "
+        "belongs to the i-th --ask; a single --at applies to every question; without --at, questions are "
+        "asked at the end of the video.",
+    )
+    stream.add_argument("video")
+    stream.add_argument("path", help="saved hybrid directory")
+    stream.add_argument(
+        "--fps", type=float, default=2.0, help="frames sampled per second of video (default 2)"
+    )
+    stream.add_argument("--ask", action="append", required=True, help="a question (repeatable)")
+    stream.add_argument("--at", action="append", default=[], help="times to ask at, e.g. 10s,60s or 1:30")
+    stream.add_argument("--max-new-tokens", type=int, default=64)
+    stream.add_argument("--frame-size", type=int, default=448, help="frames are resized to this square (448)")
+    stream.add_argument("--system-prompt", default=None)
+    stream.add_argument("--dtype", default=None)
+    stream.add_argument("--device", default=None)
+    stream.add_argument("--no-cuda-graphs", action="store_true", help="run the frame steps eagerly on CUDA")
     return parser
 
 
@@ -241,6 +263,105 @@ def run_generate(args: argparse.Namespace) -> None:
     print(generate_reply(model, processor, args.prompt, images, max_new_tokens=args.max_new_tokens))
 
 
+def parse_time(value: str) -> float:
+    """ "10s", "10", "1.5", "1:30" or "1:02:03" -> seconds."""
+    text = value.strip().removesuffix("s")
+    try:
+        seconds = 0.0
+        for part in text.split(":"):
+            seconds = seconds * 60 + float(part)
+    except ValueError:
+        raise ValueError(f"--at time {value!r} is not seconds (10s, 12.5) or [h:]m:s (1:30).") from None
+    if seconds < 0 or len(text.split(":")) > 3:
+        raise ValueError(f"--at time {value!r} is not seconds (10s, 12.5) or [h:]m:s (1:30).")
+    return seconds
+
+
+def question_schedule(asks: list[str], ats: list[str], duration: float) -> list[tuple[float, str]]:
+    """(time, question) pairs in time order; a question without times is asked at the end of the video."""
+    if ats and len(ats) not in (1, len(asks)):
+        raise ValueError(
+            f"Got {len(asks)} --ask and {len(ats)} --at: give one --at per --ask, one --at for all, or none."
+        )
+    schedule = []
+    for idx, question in enumerate(asks):
+        times = ats[idx if len(ats) > 1 else 0].split(",") if ats else [str(duration)]
+        for time in (parse_time(t) for t in times if t.strip()):
+            if time > duration + 1e-6:
+                raise ValueError(f"--at {time:g}s is past the end of the video ({duration:.2f}s).")
+            schedule.append((time, question))
+    return sorted(schedule, key=lambda item: item[0])
+
+
+def run_stream(args: argparse.Namespace) -> None:
+    from hybridize.converters.checkpoint import parse_dtype, read_plan
+    from hybridize.inference.streaming import import_av, video_duration
+
+    try:
+        import_av()
+    except ImportError as error:
+        raise ValueError(str(error)) from None
+    if not Path(args.video).is_file():
+        raise FileNotFoundError(f"Video {args.video!r} does not exist.")
+    if not args.fps > 0:
+        raise ValueError(f"--fps must be positive, got {args.fps}.")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    vision = read_plan(args.path).get("vision_config") or {}
+    factor = vision.get("patch_size", 14) * vision.get("spatial_merge_size", 2)
+    if args.frame_size <= 0 or args.frame_size % factor:
+        raise ValueError(f"--frame-size must be a positive multiple of {factor}, got {args.frame_size}.")
+    parse_dtype(args.dtype)
+    duration = video_duration(args.video)
+    schedule = question_schedule(args.ask, args.at, duration)
+    stream_video(args, duration, schedule)
+
+
+def stream_video(args: argparse.Namespace, duration: float, schedule: list[tuple[float, str]]) -> None:
+    import math
+    import time
+
+    from tqdm import tqdm
+
+    from hybridize.converters.checkpoint import load, load_processor
+    from hybridize.inference.streaming import StreamingSession, sample_video
+
+    processor = load_processor(args.path)
+    if processor is None or not hasattr(processor, "image_processor"):
+        raise ValueError(
+            f"{args.path!r} has no saved processor with an image processor to turn frames into pixels."
+        )
+    model = load(args.path, dtype=args.dtype, device=args.device)
+    session = StreamingSession(
+        model,
+        processor,
+        frame_size=args.frame_size,
+        system_prompt=args.system_prompt,
+        cuda_graphs=False if args.no_cuda_graphs else None,
+    )
+    pending = list(schedule)
+
+    def answer_until(now: float) -> None:
+        while pending and pending[0][0] <= now:
+            at, question = pending.pop(0)
+            answer = session.ask(question, max_new_tokens=args.max_new_tokens)
+            tqdm.write(f"[{at:.1f}s, {session.frames} frames] {question}\n  {answer}")
+
+    start = time.perf_counter()
+    with tqdm(total=math.ceil(duration * args.fps - 1e-6), unit="frame", file=sys.stderr) as progress:
+        for seconds, frame in sample_video(args.video, args.fps):
+            answer_until(seconds - 1e-6)  # a question at t sees every frame up to t
+            session.add_frame(frame)
+            progress.update()
+    answer_until(math.inf)
+    elapsed = time.perf_counter() - start
+    print(
+        f"streamed {session.frames} frames ({session.tokens_per_frame} tokens each) in {elapsed:.1f} s; "
+        f"state {session.cache_bytes() / 2**20:.1f} MiB",
+        file=sys.stderr,
+    )
+
+
 def run_train(args: argparse.Namespace) -> None:
     from hybridize.training import main as train
 
@@ -253,6 +374,7 @@ COMMANDS = {
     "mixers": run_mixers,
     "inspect": run_inspect,
     "generate": run_generate,
+    "stream": run_stream,
 }
 
 

@@ -1,0 +1,705 @@
+"""Streaming video: a (hybrid) Qwen2.5-VL takes frames one at a time in constant memory and answers questions
+at any time.
+
+Token layout: what the model's chat template renders for one user turn that holds the frames as images and
+then the question, so a session asked after N frames sees exactly the prompt `generate()` would get:
+
+    <|im_start|>system\\n{system prompt}<|im_end|>\\n<|im_start|>user\\n      prefix, prefilled by reset()
+    <|vision_start|><|image_pad|> x N<|vision_end|>                       per frame (N = 256 at 448x448)
+    {question}<|im_end|>\\n<|im_start|>assistant\\n                        per question, on a branch
+
+Qwen2.5-VL's chat format has no text timestamps; time enters through M-RoPE. Each frame is one image (a
+single-frame video gets the same positions), so its positions are those the model's `get_rope_index` gives the
+whole sequence: the vision tokens share one temporal index, height/width indices count up from it, and the
+next token starts after the largest (18 positions per 448x448 frame). Temporal indices thus increase frame by
+frame. A question's branch is dropped after the answer: answers never enter the stream's context.
+
+Memory: native sliding-window layers keep `window - 1` keys/values (`DynamicSlidingWindowLayer`), linear
+mixers a fixed state (`MixerCacheLayer`); the session itself keeps ints and the last hidden state. Full
+attention layers (and the sliding-window *mixer*, whose mask spans every past token) grow with the stream;
+a model with any is refused unless `allow_growing_cache=True`.
+
+CUDA graphs (`cuda_graphs=True`, the default on CUDA): the frame encoder (pixels -> ViT -> token embeddings)
+is captured on the first frame, and the per-frame prefill once the cache has stopped changing shape (the
+sliding window is full). The prefill graph reads and writes the cache's own tensors: before capture they are
+replaced by fixed buffers, and the captured step copies each new state back into its buffer. A capture that
+fails falls back to eager with a warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import DynamicCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from hybridize.converters.discovery import find_decoder_layout
+from hybridize.mixers.base import TokenMixer
+
+QUESTION_MARKER = "\x00question\x00"  # stands in for the question while the chat template is split
+GRAPH_WARMUP_STEPS = 2
+
+
+# ----------------------------------------------------------------------------------------------- prompt
+
+
+@dataclass(frozen=True)
+class FramePrompt:
+    """The token pieces of a stream and the M-RoPE positions of one frame relative to its first token."""
+
+    prefix_ids: list[int]  # system turn and the start of the user turn
+    frame_ids: torch.Tensor  # (L,) <|vision_start|> <|image_pad|> * N <|vision_end|>
+    vision_tokens: slice  # where the N vision features go in frame_ids
+    frame_positions: torch.Tensor  # (3, L) M-RoPE positions, the frame's first token at 0
+    frame_span: int  # positions one frame advances the stream
+    suffix: str  # closes the user turn and opens the assistant's
+
+
+def build_frame_prompt(model, processor, grid_thw: torch.Tensor, system_prompt: str | None) -> FramePrompt:
+    """Split the chat template around one image and a question; frame positions from the model's get_rope_index."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+
+    def render(content: list[dict]) -> str:
+        messages = [*system, {"role": "user", "content": content}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    question = {"type": "text", "text": QUESTION_MARKER}
+    prefix, suffix = render([question]).split(QUESTION_MARKER)
+    with_image = render([{"type": "image"}, question]).split(QUESTION_MARKER)[0]
+    if not with_image.startswith(prefix):
+        raise ValueError("The chat template puts an image somewhere other than the start of the user turn.")
+    frame_text = with_image[len(prefix) :]
+
+    image_token_id = model.config.image_token_id
+    merge = model.config.vision_config.spatial_merge_size
+    num_vision_tokens = int(grid_thw.prod()) // merge**2
+    text_ids = tokenizer(frame_text, add_special_tokens=False)["input_ids"]
+    if text_ids.count(image_token_id) != 1:
+        raise ValueError(
+            f"The chat template renders an image as {frame_text!r}, which holds {text_ids.count(image_token_id)} "
+            f"image tokens (id {image_token_id}); expected one placeholder."
+        )
+    first = text_ids.index(image_token_id)
+    frame_ids = text_ids[:first] + [image_token_id] * num_vision_tokens + text_ids[first + 1 :]
+    frame_ids = torch.tensor(frame_ids)
+    token_types = (frame_ids == image_token_id).long()  # 0 text, 1 image
+    positions, _ = model.model.get_rope_index(
+        frame_ids[None], mm_token_type_ids=token_types[None], image_grid_thw=grid_thw
+    )
+    positions = positions[:, 0]  # (3, L)
+    return FramePrompt(
+        prefix_ids=tokenizer(prefix, add_special_tokens=False)["input_ids"],
+        frame_ids=frame_ids,
+        vision_tokens=slice(first, first + num_vision_tokens),
+        frame_positions=positions,
+        frame_span=int(positions.max()) + 1,
+        suffix=suffix,
+    )
+
+
+def text_positions(start: int, length: int, device) -> torch.Tensor:
+    """(3, 1, length) M-RoPE positions of text tokens: the same index on every axis."""
+    return torch.arange(start, start + length, device=device).view(1, 1, -1).expand(3, 1, -1)
+
+
+# ----------------------------------------------------------------------------------------------- frames
+
+
+def frame_tensor(frame) -> torch.Tensor:
+    """A PIL image, an (H, W, 3) uint8 array or tensor -> (H, W, 3) uint8 tensor."""
+    if isinstance(frame, Image.Image):
+        frame = np.array(frame.convert("RGB"))
+    if isinstance(frame, np.ndarray):
+        frame = torch.from_numpy(np.ascontiguousarray(frame))
+    if not isinstance(frame, torch.Tensor):
+        raise TypeError(f"A frame must be a PIL image, numpy array or tensor, got {type(frame).__name__}.")
+    if frame.dim() != 3 or frame.shape[-1] != 3 or frame.dtype != torch.uint8:
+        raise ValueError(
+            f"A frame must be (height, width, 3) uint8 RGB, got shape {tuple(frame.shape)} and {frame.dtype}."
+        )
+    return frame
+
+
+def parse_frame_size(frame_size: int | tuple[int, int], factor: int) -> tuple[int, int]:
+    """448 or (448, 448) -> (height, width), both multiples of the ViT's patch x merge size."""
+    height, width = (frame_size, frame_size) if isinstance(frame_size, int) else tuple(frame_size)
+    if not all(isinstance(side, int) and side > 0 and side % factor == 0 for side in (height, width)):
+        raise ValueError(
+            f"frame_size {frame_size!r} must be positive multiples of {factor} (the ViT's patch size times its "
+            f"merge size), e.g. {16 * factor} for {16 * 16} tokens per frame."
+        )
+    return height, width
+
+
+class FrameEncoder:
+    """One frame of the configured size -> the (1, L, hidden) input embeddings of its tokens.
+
+    Pixels are rescaled, normalised and cut into patches as the model's image processor does (bit for bit on a
+    frame of the configured size; other sizes are resized on the device first, bicubic), the ViT runs with its
+    grid-dependent index tensors computed once, and the vision features are placed between the frame's
+    <|vision_start|>/<|vision_end|> embeddings. `use_graph` replays all of it from a CUDA graph.
+    """
+
+    def __init__(self, model, processor, prompt: FramePrompt, size: tuple[int, int], use_graph: bool):
+        vision_config = model.config.vision_config
+        image_processor = processor.image_processor
+        self.model, self.size, self.use_graph = model, size, use_graph
+        self.patch, self.merge = vision_config.patch_size, vision_config.spatial_merge_size
+        self.temporal = vision_config.temporal_patch_size
+        device = model.device
+        self.rescale = image_processor.rescale_factor if image_processor.do_rescale else None
+        self.mean = self.std = None
+        if image_processor.do_normalize:
+            self.mean = torch.tensor(image_processor.image_mean, dtype=torch.float32, device=device).view(
+                3, 1, 1
+            )
+            self.std = torch.tensor(image_processor.image_std, dtype=torch.float32, device=device).view(
+                3, 1, 1
+            )
+        self.grid_thw = torch.tensor([[1, size[0] // self.patch, size[1] // self.patch]], device=device)
+        self.vision_kwargs = vision_index_tensors(model.model.visual, self.grid_thw)
+        embeddings = model.get_input_embeddings()(prompt.frame_ids.to(device))  # (L, hidden)
+        self.before = embeddings[: prompt.vision_tokens.start]
+        self.after = embeddings[prompt.vision_tokens.stop :]
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def prepare(self, frame) -> torch.Tensor:
+        """(3, H, W) float32 pixel values 0..255 on the model's device, at the configured size."""
+        pixels = frame_tensor(frame).to(self.model.device, non_blocking=True).permute(2, 0, 1).float()
+        if tuple(pixels.shape[1:]) != self.size:
+            pixels = F.interpolate(pixels[None], size=self.size, mode="bicubic", antialias=True)[0]
+            pixels = pixels.round().clamp(0, 255)  # as a uint8 frame of this size would hold
+        return pixels
+
+    def patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) -> (h * w, 3 * temporal * patch * patch) rows in the image processor's order."""
+        if self.rescale is not None:
+            pixels = (pixels.double() * self.rescale).float()  # the processor rescales in float64
+        if self.mean is not None:
+            pixels = (pixels - self.mean) / self.std
+        channels, p, m, t = 3, self.patch, self.merge, self.temporal
+        grid_h, grid_w = self.size[0] // p, self.size[1] // p
+        # A still image fills every temporal slot of a patch: (t, 3, H, W), then merge blocks of m x m patches.
+        pixels = pixels[None].expand(t, -1, -1, -1)
+        pixels = pixels.reshape(t, channels, grid_h // m, m, p, grid_w // m, m, p)
+        pixels = pixels.permute(2, 5, 3, 6, 1, 0, 4, 7)  # (h/m, w/m, m, m, 3, t, p, p)
+        return pixels.reshape(grid_h * grid_w, channels * t * p * p)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        visual = self.model.model.visual
+        rows = self.patches(pixels).to(visual.dtype)
+        features = visual(rows, grid_thw=self.grid_thw, **dict(self.vision_kwargs)).pooler_output
+        return torch.cat([self.before, features.to(self.before.dtype), self.after])[None]
+
+    def __call__(self, frame) -> torch.Tensor:
+        """The frame's token embeddings; from the graph, a buffer that the next frame overwrites."""
+        pixels = self.prepare(frame)
+        if not self.use_graph:
+            return self.encode(pixels)
+        if self.graph is None:
+            try:
+                self.input = pixels.clone()
+                self.graph, self.output = capture_cuda_graph(lambda: self.encode(self.input))
+            except RuntimeError as error:
+                warnings.warn(
+                    f"CUDA graph capture of the frame encoder failed ({error}); running it eagerly.",
+                    stacklevel=3,
+                )
+                self.use_graph, self.graph = False, None
+                return self.encode(pixels)
+        self.input.copy_(pixels)
+        self.graph.replay()
+        return self.output
+
+
+def vision_index_tensors(visual, grid_thw: torch.Tensor) -> dict[str, Any]:
+    """The ViT's grid-dependent index tensors, computed once for a fixed frame size.
+
+    Qwen2.5-VL's vision tower accepts them precomputed (transformers.vision_utils); computed on every call they
+    need host syncs (`.tolist()`), which a CUDA graph cannot hold. Outside flash attention the ViT only splits
+    its sequence at the boundaries, so those stay on the CPU; other vision towers get none.
+    """
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    from transformers.utils.generic import is_flash_attention_requested
+    from transformers.vision_utils import (
+        get_vision_cu_seqlens,
+        get_vision_position_ids,
+        get_vision_window_index,
+    )
+
+    if not isinstance(visual, Qwen2_5_VisionTransformerPretrainedModel):
+        return {}
+    merge = visual.spatial_merge_size
+    window_index, cu_window_seqlens = get_vision_window_index(
+        grid_thw, spatial_merge_size=merge, window_size=visual.window_size, patch_size=visual.patch_size
+    )
+    cu_seqlens = get_vision_cu_seqlens(grid_thw)
+    kwargs = dict(position_ids=get_vision_position_ids(grid_thw, merge), window_index=window_index)
+    if is_flash_attention_requested(visual.config):
+        kwargs.update(
+            cu_seqlens=cu_seqlens,
+            cu_window_seqlens=cu_window_seqlens,
+            max_seqlen=int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
+            max_window_seqlen=int((cu_window_seqlens[1:] - cu_window_seqlens[:-1]).max()),
+        )
+    else:
+        kwargs.update(cu_seqlens=cu_seqlens.cpu(), cu_window_seqlens=cu_window_seqlens.cpu())
+    return kwargs
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+def growing_layers(model) -> dict[int, str]:
+    """Decoder layers whose cache (or per-frame work) grows with the stream: index -> why."""
+    layout = find_decoder_layout(model)
+    layer_types = getattr(layout.text_config, "layer_types", None) or ["full_attention"] * len(layout.layers)
+    growing = {}
+    for idx, layer_type in enumerate(layer_types):
+        module = layout.attention(idx)
+        if layer_type == "sliding_attention" or (
+            isinstance(module, TokenMixer) and not module.wraps_attention
+        ):
+            continue
+        if isinstance(module, TokenMixer) and type(module).__name__ == "SlidingWindowMixer":
+            growing[idx] = "sliding-window mixer (its mask spans every past token)"
+        else:
+            growing[idx] = "full attention (keeps every key and value)"
+    return growing
+
+
+class StreamState:
+    """A stream's model state on the `DynamicCache` path: the cache, the next M-RoPE position, the last hidden.
+
+    The interface a session needs from a cache: `prefill` a chunk of embeddings, `branch` the state for a
+    question, `decode` one token. A static cache with graph-captured steps can stand in with the same methods.
+    """
+
+    def __init__(self, model, full_attention_mask: bool):
+        self.model = model
+        self.decoder = find_decoder_layout(model).decoder
+        self.text_config = model.config.get_text_config(decoder=True)
+        self.layer_types = sorted(set(getattr(self.text_config, "layer_types", None) or ["full_attention"]))
+        self.full_attention_mask = full_attention_mask
+        self.cache = DynamicCache(config=self.text_config)
+        self.position = 0  # next M-RoPE position
+        self.last_hidden: torch.Tensor | None = None  # (1, hidden) final-norm hidden state of the last token
+
+    def masks(self, embeds: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Masks by layer type, built once per chunk. Without attention layers that need one, the
+        full-attention mask is left out: its size grows with every token seen, and linear mixers read it only
+        for padding, which a stream does not have."""
+        masks = {}
+        for layer_type in self.layer_types:
+            if layer_type == "sliding_attention":
+                build = create_sliding_window_causal_mask
+            elif self.full_attention_mask:
+                build = create_causal_mask
+            else:
+                masks[layer_type] = None
+                continue
+            masks[layer_type] = build(
+                config=self.text_config,
+                inputs_embeds=embeds,
+                attention_mask=None,
+                past_key_values=self.cache,
+                position_ids=None,
+            )
+        return masks
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Run (1, L, hidden) embeddings at (3, 1, L) positions into the cache; the last token's hidden state."""
+        out = self.decoder(
+            inputs_embeds=embeds,
+            position_ids=positions,
+            attention_mask=self.masks(embeds),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state[:, -1]
+
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, span: int) -> None:
+        self.last_hidden = self.forward(embeds, positions)
+        self.position += span
+
+    def prefill_text(self, token_ids: list[int]) -> None:
+        ids = torch.tensor([token_ids], device=self.model.device)
+        embeds = self.model.get_input_embeddings()(ids)
+        self.prefill(embeds, text_positions(self.position, len(token_ids), ids.device), len(token_ids))
+
+    def decode(self, token_id: int) -> torch.Tensor:
+        """Feed one token; the next token's (1, vocab) logits in fp32."""
+        self.prefill_text([token_id])
+        return self.logits()
+
+    def logits(self) -> torch.Tensor:
+        return self.model.lm_head(self.last_hidden).float()
+
+    def branch(self) -> StreamState:
+        """An independent copy: what the copy does never reaches this state."""
+        other = copy.copy(self)
+        other.cache = copy.deepcopy(self.cache)
+        other.last_hidden = None if self.last_hidden is None else self.last_hidden.clone()
+        return other
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the state holds between chunks."""
+        held = [tensor for _, _, tensor in cache_tensor_slots(self.cache)]
+        return held + ([] if self.last_hidden is None else [self.last_hidden])
+
+
+def layer_tensor_slots(layer) -> list[tuple[dict, str, torch.Tensor]]:
+    """(container, key, tensor) for every tensor a cache layer holds: its attributes (keys, values, ...) and
+    the entries of its dict attributes (a mixer's states)."""
+    slots = []
+    for key, value in vars(layer).items():
+        if isinstance(value, torch.Tensor):
+            slots.append((vars(layer), key, value))
+        elif isinstance(value, dict):
+            slots += [(value, k, v) for k, v in value.items() if isinstance(v, torch.Tensor)]
+    return slots
+
+
+def cache_tensor_slots(cache) -> list[tuple[dict, str, torch.Tensor]]:
+    return [slot for layer in cache.layers for slot in layer_tensor_slots(layer)]
+
+
+def cache_shapes(cache) -> list[tuple]:
+    """Which tensors the cache holds and their shapes: a captured step stays valid while these do not change."""
+    return [
+        (idx, key, tuple(tensor.shape), tensor.dtype)
+        for idx, layer in enumerate(cache.layers)
+        for _, key, tensor in layer_tensor_slots(layer)
+    ]
+
+
+def counters(cache) -> list[dict[str, int]]:
+    """Each layer's int attributes (tokens seen, ...): its Python code advances them on every forward."""
+    return [
+        {key: value for key, value in vars(layer).items() if type(value) is int} for layer in cache.layers
+    ]
+
+
+class LayerSnapshot:
+    """A layer's attributes and the contents of its dict attributes, to put back after a capture."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.attributes = dict(vars(layer))
+        self.dicts = {key: dict(value) for key, value in self.attributes.items() if isinstance(value, dict)}
+
+    def restore(self) -> None:
+        for key, contents in self.dicts.items():
+            self.attributes[key].clear()
+            self.attributes[key].update(contents)
+        vars(self.layer).clear()
+        vars(self.layer).update(self.attributes)
+
+
+class CapturedPrefill:
+    """A `StreamState`'s prefill of one fixed-size chunk, replayed from a CUDA graph.
+
+    Before capture every cache tensor is replaced by a compact copy (a fixed buffer); the captured step runs
+    the forward (which reads the buffers and makes new tensors from the graph's pool) and copies each new
+    tensor back into its buffer. Only the kernels replay, so the layers' Python-side token counters are
+    advanced by hand by what one forward added to them. Needs a cache whose tensors keep their shapes from one
+    chunk to the next (`cache_shapes`); anything else raises before the state is touched.
+    """
+
+    def __init__(self, state: StreamState, embeds: torch.Tensor, positions: torch.Tensor):
+        self.state = state
+        cache = state.cache
+        self.slots = []
+        for container, key, tensor in cache_tensor_slots(cache):
+            container[key] = tensor.clone()  # a sliding-window slot holds a view of a larger tensor
+            self.slots.append((container, key, container[key]))
+        self.embeds, self.positions = embeds.clone(), positions.clone()
+        snapshots = [LayerSnapshot(layer) for layer in cache.layers]
+        shapes, before = cache_shapes(cache), counters(cache)
+        warmup_state = state.branch()  # warm-up forwards must not advance the stream
+        try:
+            self.graph, self.hidden = capture_cuda_graph(
+                self.step, warmup=lambda: warmup_state.forward(self.embeds, self.positions)
+            )
+            after = counters(cache)
+            unchanged = len(cache.layers) == len(snapshots) and cache_shapes(cache) == shapes
+            held = cache_tensor_slots(cache)
+            in_buffers = len(held) == len(self.slots) and all(
+                tensor is buffer for (_, _, tensor), (_, _, buffer) in zip(held, self.slots, strict=True)
+            )
+        finally:
+            for snapshot in snapshots:  # capture runs no kernel: the buffers still hold the state before it
+                snapshot.restore()
+        if not (unchanged and in_buffers):
+            raise RuntimeError("the forward replaced cache tensors that the captured step cannot copy back")
+        self.deltas = [{key: a[key] - b[key] for key in b} for a, b in zip(after, before, strict=True)]
+
+    def step(self) -> torch.Tensor:
+        hidden = self.state.forward(self.embeds, self.positions)
+        for container, key, buffer in self.slots:
+            buffer.copy_(container[key])
+            container[key] = buffer
+        return hidden
+
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor) -> None:
+        self.embeds.copy_(embeds)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        for layer, deltas in zip(self.state.cache.layers, self.deltas, strict=True):
+            for key, delta in deltas.items():
+                setattr(layer, key, getattr(layer, key) + delta)
+        self.state.last_hidden = self.hidden
+
+
+def capture_cuda_graph(fn: Callable[[], Any], warmup: Callable[[], Any] | None = None):
+    """Capture `fn` (reading and writing fixed tensors only) in a CUDA graph after warm-up runs on a side
+    stream; returns (graph, fn's output, whose tensors each replay rewrites)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(GRAPH_WARMUP_STEPS):
+            (warmup or fn)()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()
+    return graph, output
+
+
+# ----------------------------------------------------------------------------------------------- video
+
+
+def import_av():
+    try:
+        import av
+    except ImportError:
+        raise ImportError(
+            "Videos are decoded with PyAV, which is not installed: pip install 'hybridize[video]' (or av)."
+        ) from None
+    return av
+
+
+def video_duration(path) -> float:
+    """Seconds of the first video stream, read from the container header."""
+    av = import_av()
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            if stream.duration is not None:
+                return float(stream.duration * stream.time_base)
+            if container.duration is not None:
+                return container.duration / 1e6
+    except (av.FFmpegError, IndexError, OSError) as error:
+        raise ValueError(f"Cannot read video {str(path)!r}: {error}") from None
+    raise ValueError(f"Video {str(path)!r} has no duration in its header.")
+
+
+def sample_video(path, fps: float) -> Iterator[tuple[float, np.ndarray]]:
+    """(seconds from the start, (H, W, 3) uint8 RGB) of the first frame at or after each multiple of 1 / fps;
+    a video with fewer frames than that gives each frame once."""
+    av = import_av()
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        start, due = None, 0.0
+        for index, frame in enumerate(container.decode(stream)):
+            time = frame.time if frame.time is not None else index / float(stream.average_rate or 1)
+            start = time if start is None else start
+            time -= start
+            if time + 1e-6 < due:
+                continue
+            yield time, frame.to_ndarray(format="rgb24")
+            due = (math.floor(time * fps + 1e-6) + 1) / fps
+
+
+# ----------------------------------------------------------------------------------------------- session
+
+
+class StreamingSession:
+    """Feed video frames one at a time into a (hybrid) Qwen2.5-VL in constant memory; ask questions any time.
+
+        session = StreamingSession(model, processor, frame_size=448)
+        for frame in frames:            # PIL images, (H, W, 3) uint8 arrays or tensors
+            session.add_frame(frame)
+            if ...:
+                print(session.ask("What just happened?", max_new_tokens=64))
+
+    frame_size: 448 or (height, width), multiples of the ViT's patch x merge size (28 for Qwen2.5-VL); frames
+    of another size are resized on the device. system_prompt: None keeps the chat template's default.
+    cuda_graphs: capture the frame encoder and the per-frame prefill in CUDA graphs (default: on CUDA).
+    allow_growing_cache: stream into a model with full-attention layers, whose cache grows with every frame.
+    """
+
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        frame_size: int | tuple[int, int] = 448,
+        system_prompt: str | None = None,
+        cuda_graphs: bool | None = None,
+        allow_growing_cache: bool = False,
+    ):
+        inner = getattr(model, "model", None)
+        if not all(hasattr(inner, name) for name in ("visual", "get_rope_index")):
+            raise ValueError(
+                f"StreamingSession needs a Qwen2.5-VL-family model (a vision tower `model.visual` and M-RoPE "
+                f"`model.get_rope_index`); {type(model).__name__} has not."
+            )
+        self.model = model.eval()
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.growing = growing_layers(model)
+        if self.growing and not allow_growing_cache:
+            layers = ", ".join(f"{idx}: {why}" for idx, why in self.growing.items())
+            raise ValueError(
+                f"The model's cache would grow with every frame (layers {layers}). Stream into a hybrid with "
+                "sliding-window and linear layers only, or pass allow_growing_cache=True."
+            )
+        vision_config = model.config.vision_config
+        factor = vision_config.patch_size * vision_config.spatial_merge_size
+        self.frame_size = parse_frame_size(frame_size, factor)
+        grid_thw = torch.tensor(
+            [
+                [
+                    1,
+                    self.frame_size[0] // vision_config.patch_size,
+                    self.frame_size[1] // vision_config.patch_size,
+                ]
+            ]
+        )
+        self.prompt = build_frame_prompt(model, processor, grid_thw, system_prompt)
+        device = model.device
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda"
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {device}.")
+        self.cuda_graphs = cuda_graphs
+        self.encoder = FrameEncoder(model, processor, self.prompt, self.frame_size, use_graph=cuda_graphs)
+        self.frame_positions = self.prompt.frame_positions.to(device)[:, None]  # (3, 1, L)
+        self.reset()
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return len(self.prompt.frame_ids)
+
+    @property
+    def position(self) -> int:
+        """The M-RoPE position the next token gets."""
+        return self.state.position
+
+    @torch.inference_mode()
+    def reset(self) -> None:
+        """Start a new stream: an empty cache with the system turn and the start of the user turn prefilled."""
+        self.state = StreamState(self.model, full_attention_mask=bool(self.growing))
+        self.state.prefill_text(self.prompt.prefix_ids)
+        self.frames = 0
+        self.prefill_graph: CapturedPrefill | None = None
+        self.capture_prefill = self.cuda_graphs and not self.growing
+        self.steady = False  # the last eager frame left the cache's shapes as they were
+
+    @torch.inference_mode()
+    def add_frame(self, frame) -> None:
+        """Encode one frame and prefill its tokens into the stream's state."""
+        embeds = self.encoder(frame)
+        positions = self.frame_positions + self.state.position
+        if self.prefill_graph is None and self.capture_prefill and self.steady:
+            try:
+                self.prefill_graph = CapturedPrefill(self.state, embeds, positions)
+            except RuntimeError as error:
+                warnings.warn(
+                    f"CUDA graph capture of the frame prefill failed ({error}); running it eagerly.",
+                    stacklevel=2,
+                )
+                self.capture_prefill = False
+        if self.prefill_graph is not None:
+            self.prefill_graph(embeds, positions)
+            self.state.position += self.prompt.frame_span
+        else:
+            shapes = cache_shapes(self.state.cache)
+            self.state.prefill(embeds, positions, self.prompt.frame_span)
+            self.steady = shapes == cache_shapes(self.state.cache)
+        self.frames += 1
+
+    @torch.inference_mode()
+    def next_token_logits(self) -> torch.Tensor:
+        """(1, vocab) fp32 logits after the last token prefilled."""
+        return self.state.logits()
+
+    @torch.inference_mode()
+    def ask_ids(self, question: str, max_new_tokens: int = 64, do_sample: bool = False) -> list[int]:
+        """The answer's token ids, up to and including an end-of-sequence token; the stream is left as it was.
+
+        Greedy by default; do_sample draws with the generation config's temperature, top-k and top-p.
+        Repetition penalties are not applied: they need the whole token history, which a stream does not keep.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+        branch = self.state.branch()
+        branch.prefill_text(
+            self.tokenizer(question + self.prompt.suffix, add_special_tokens=False)["input_ids"]
+        )
+        pick = sampler(self.model.generation_config) if do_sample else greedy
+        stop = end_of_sequence_ids(self.model.generation_config, self.tokenizer)
+        logits, tokens = branch.logits(), []
+        while True:
+            tokens.append(pick(logits))
+            if tokens[-1] in stop or len(tokens) == max_new_tokens:
+                return tokens
+            logits = branch.decode(tokens[-1])
+
+    def ask(self, question: str, max_new_tokens: int = 64, do_sample: bool = False) -> str:
+        """Answer a question about the frames so far, without disturbing the stream."""
+        tokens = self.ask_ids(question, max_new_tokens, do_sample)
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def cache_bytes(self) -> int:
+        """Bytes of every tensor the stream's state holds (each storage counted once)."""
+        storages = {
+            tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes()
+            for tensor in self.state.tensors()
+        }
+        return sum(storages.values())
+
+
+def greedy(logits: torch.Tensor) -> int:
+    return int(logits.argmax(-1))
+
+
+def sampler(generation_config) -> Callable[[torch.Tensor], int]:
+    warpers = LogitsProcessorList()
+    temperature = generation_config.temperature
+    if temperature is not None and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if generation_config.top_k:
+        warpers.append(TopKLogitsWarper(generation_config.top_k))
+    if generation_config.top_p is not None and generation_config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(generation_config.top_p))
+
+    def pick(logits: torch.Tensor) -> int:
+        scores = warpers(None, logits)
+        return int(torch.multinomial(scores.softmax(-1), 1))
+
+    return pick
+
+
+def end_of_sequence_ids(generation_config, tokenizer) -> set[int]:
+    eos = generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set([eos] if isinstance(eos, int) else list(eos or []))

@@ -1,0 +1,306 @@
+"""StreamingSession against one-shot prefill and generate() on the same tokens, its memory, and `hybridize stream`."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hybridize.cli import main
+from hybridize.converters import convert, plan_layers, save_hybrid
+from hybridize.inference.streaming import StreamingSession, cache_tensor_slots, sample_video, video_duration
+
+QUESTION = "What changed?"
+
+
+def frames(count: int, size: tuple[int, int] = (56, 56), seed: int = 0) -> list[np.ndarray]:
+    """(H, W, 3) uint8 frames of random pixels; size is (height, width)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def one_shot_inputs(processor, stream: list[np.ndarray], question: str | None = None) -> dict:
+    """Processor inputs for one user turn holding the frames as images, then the question and the assistant
+    prefix; without a question, only up to the last frame."""
+    content = [{"type": "image"} for _ in stream] + [{"type": "text", "text": question or "?"}]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    if question is None:
+        text = text[: text.rindex("?")]
+    inputs = dict(processor(text=[text], images=[Image.fromarray(f) for f in stream], return_tensors="pt"))
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    return inputs
+
+
+def stream_of(model, processor, stream, **options) -> StreamingSession:
+    session = StreamingSession(model, processor, **options)
+    for frame in stream:
+        session.add_frame(frame)
+    return session
+
+
+@pytest.fixture(scope="module")
+def hybrid64(tiny_teacher):
+    """The tiny InfiniteVL layout with window 64 in fp64: the window fills mid-stream and then slides."""
+    torch.manual_seed(0)
+    hybrid, _ = convert(tiny_teacher[0], plan_layers(8, "1/4", window=64), progress=False)
+    return hybrid.double()
+
+
+@pytest.fixture(scope="module")
+def hybrid8(tiny_hybrid):
+    """The tiny InfiniteVL layout (window 8) in fp64: every frame slides the window."""
+    return copy.deepcopy(tiny_hybrid).double()
+
+
+def assert_same_states(cache, reference, exact: bool = False) -> None:
+    ours, theirs = cache_tensor_slots(cache), cache_tensor_slots(reference)
+    assert [key for _, key, _ in ours] == [key for _, key, _ in theirs]
+    assert any(key == "recurrent" for _, key, _ in ours) and any(key == "keys" for _, key, _ in ours)
+    for (_, key, mine), (_, _, expected) in zip(ours, theirs, strict=True):
+        if exact:
+            assert torch.equal(mine, expected), key
+        else:
+            torch.testing.assert_close(mine, expected, rtol=1e-10, atol=1e-12, msg=key)
+
+
+@pytest.mark.parametrize(
+    ("model_name", "count", "size"),
+    [("hybrid64", 14, (56, 56)), ("hybrid8", 5, (56, 84)), ("hybrid64", 3, (112, 56))],
+)
+def test_frame_by_frame_equals_one_shot_prefill(request, tiny_teacher, model_name, count, size):
+    model, processor = request.getfixturevalue(model_name), tiny_teacher[1]
+    stream = frames(count, size)
+    session = stream_of(model, processor, stream, frame_size=size)
+    inputs = one_shot_inputs(processor, stream)
+    assert session.state.cache.get_seq_length() == inputs["input_ids"].shape[1]  # the same tokens
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    if model_name == "hybrid64" and count == 14:
+        assert 64 < out.past_key_values.get_seq_length()  # the window filled and slid
+    assert_same_states(session.state.cache, out.past_key_values)
+    torch.testing.assert_close(session.next_token_logits(), out.logits[:, -1].float())
+
+
+def test_positions_are_get_rope_index_of_the_whole_sequence(hybrid8, tiny_teacher):
+    processor = tiny_teacher[1]
+    stream = frames(4, (84, 56))
+    seen = []
+    hook = hybrid8.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"][:, 0]), with_kwargs=True
+    )
+    try:
+        session = stream_of(hybrid8, processor, stream, frame_size=(84, 56))
+        session.ask_ids(QUESTION, max_new_tokens=1)
+    finally:
+        hook.remove()
+    inputs = one_shot_inputs(processor, stream, QUESTION)
+    expected, _ = hybrid8.model.get_rope_index(
+        inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"]
+    )
+    positions = torch.cat(seen, dim=1)  # prefix, frames, question (the first answer token needs no forward)
+    assert torch.equal(positions, expected[:, 0])
+    assert session.position == int(positions[:, : -len(seen[-1][0])].max()) + 1
+
+
+def test_pixels_match_the_image_processor(hybrid8, tiny_teacher):
+    processor = tiny_teacher[1]
+    frame = frames(1, (84, 112))[0]
+    session = StreamingSession(hybrid8, processor, frame_size=(84, 112))
+    rows = session.encoder.patches(session.encoder.prepare(frame))
+    assert torch.equal(rows, processor.image_processor(images=[Image.fromarray(frame)], return_tensors="pt")["pixel_values"])
+    as_tensor = session.encoder(torch.from_numpy(frame))
+    assert torch.equal(session.encoder(Image.fromarray(frame)), as_tensor)
+    assert torch.equal(session.encoder(frame), as_tensor)
+    assert session.encoder(frames(1, (90, 70))[0]).shape == as_tensor.shape  # resized to the frame size
+    with pytest.raises(ValueError, match=r"\(height, width, 3\) uint8"):
+        session.add_frame(np.zeros((84, 112), dtype=np.uint8))
+    with pytest.raises(ValueError, match="multiples of 28"):
+        StreamingSession(hybrid8, processor, frame_size=100)
+
+
+def test_ask_leaves_the_stream_untouched_and_answers_like_generate(hybrid64, tiny_teacher):
+    processor = tiny_teacher[1]
+    stream = frames(12)
+    session = stream_of(hybrid64, processor, stream[:6], frame_size=56)
+    before = [tensor.clone() for _, _, tensor in cache_tensor_slots(session.state.cache)]
+    position = session.position
+    answer = session.ask_ids(QUESTION, max_new_tokens=8)
+    after = [tensor for _, _, tensor in cache_tensor_slots(session.state.cache)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)) and len(before) == len(after)
+    assert session.position == position and session.frames == 6
+
+    inputs = one_shot_inputs(processor, stream[:6], QUESTION)
+    with torch.no_grad():
+        expected = hybrid64.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert answer == expected[0, inputs["input_ids"].shape[1] :].tolist()
+    assert session.ask(QUESTION, max_new_tokens=8) == processor.decode(answer, skip_special_tokens=True)
+
+    for frame in stream[6:]:  # the stream goes on from where it was, as if nothing had been asked
+        session.add_frame(frame)
+    unasked = stream_of(hybrid64, processor, stream, frame_size=56)
+    assert_same_states(session.state.cache, unasked.state.cache, exact=True)
+
+
+def test_sampled_answers_stay_within_max_new_tokens(hybrid8, tiny_teacher):
+    session = stream_of(hybrid8, tiny_teacher[1], frames(2), frame_size=56)
+    torch.manual_seed(0)
+    assert 1 <= len(session.ask_ids(QUESTION, max_new_tokens=5, do_sample=True)) <= 5
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        session.ask(QUESTION, max_new_tokens=0)
+
+
+def test_memory_is_constant_as_frames_stream(tiny_hybrid, tiny_teacher):
+    session = StreamingSession(tiny_hybrid, tiny_teacher[1], frame_size=56)
+    sizes = {}
+    for index, frame in enumerate(frames(50), start=1):
+        session.add_frame(frame)
+        sizes[index] = session.cache_bytes()
+    assert sizes[5] == sizes[50] and sizes[50] > 0
+    assert session.state.cache.get_seq_length() > 50 * session.tokens_per_frame
+
+
+def test_full_attention_models_are_refused_unless_growth_is_allowed(tiny_teacher):
+    teacher, processor = tiny_teacher
+    with pytest.raises(ValueError, match="allow_growing_cache=True"):
+        StreamingSession(teacher, processor, frame_size=56)
+    session = StreamingSession(teacher, processor, frame_size=56, allow_growing_cache=True)
+    session.add_frame(frames(1)[0])
+    first = session.cache_bytes()
+    session.add_frame(frames(1)[0])
+    assert session.cache_bytes() > first
+    inputs = one_shot_inputs(processor, frames(1) * 2)
+    with torch.no_grad():
+        expected = teacher(**{**inputs, "pixel_values": inputs["pixel_values"].float()}).logits[:, -1]
+    torch.testing.assert_close(session.next_token_logits(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_equal_eager(tiny_hybrid, tiny_teacher):
+    model = copy.deepcopy(tiny_hybrid).cuda()
+    stream = frames(40)
+    graphed = StreamingSession(model, tiny_teacher[1], frame_size=56, cuda_graphs=True)
+    eager = StreamingSession(model, tiny_teacher[1], frame_size=56, cuda_graphs=False)
+    memory = {}
+    for index, frame in enumerate(stream, start=1):
+        graphed.add_frame(frame)
+        eager.add_frame(frame)
+        memory[index] = torch.cuda.memory_allocated()
+        if index in (3, 20, 40):
+            torch.testing.assert_close(
+                graphed.next_token_logits(), eager.next_token_logits(), rtol=1e-4, atol=1e-4
+            )
+            assert_close_states(graphed, eager)
+    assert graphed.encoder.graph is not None and graphed.prefill_graph is not None
+    assert graphed.ask_ids(QUESTION, 6) == eager.ask_ids(QUESTION, 6)
+    assert memory[20] == memory[40]
+
+
+def assert_close_states(first: StreamingSession, second: StreamingSession) -> None:
+    for (_, key, a), (_, _, b) in zip(
+        cache_tensor_slots(first.state.cache), cache_tensor_slots(second.state.cache), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=key)
+    assert first.state.cache.get_seq_length() == second.state.cache.get_seq_length()
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def write_video(path, seconds: float = 3.0, rate: int = 10, size: tuple[int, int] = (64, 48)) -> None:
+    """A video whose frames are flat colours that change every frame."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for index in range(round(seconds * rate)):
+            pixels = np.full((size[1], size[0], 3), (index * 37 % 256, index * 11 % 256, 90), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+
+
+@pytest.fixture(scope="module")
+def saved_hybrid(tmp_path_factory, tiny_teacher, tiny_hybrid):
+    out = tmp_path_factory.mktemp("stream") / "tiny-ivl"
+    save_hybrid(tiny_hybrid, out, tiny_teacher[1])
+    return out
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    path = tmp_path_factory.mktemp("video") / "colours.mp4"
+    write_video(path)
+    return path
+
+
+def test_sample_video_takes_the_first_frame_at_each_step(video):
+    assert video_duration(video) == pytest.approx(3.0)
+    times = [time for time, _ in sample_video(video, 2.0)]
+    assert times == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5])
+    assert len(list(sample_video(video, 50.0))) == 30  # faster than the video: every frame once
+    assert next(sample_video(video, 1.0))[1].shape == (48, 64, 3)
+
+
+def test_stream_cli_answers_at_the_given_times(saved_hybrid, video, capsys):
+    base = [
+        "stream",
+        str(video),
+        str(saved_hybrid),
+        "--fps",
+        "2",
+        "--frame-size",
+        "56",
+        "--max-new-tokens",
+        "3",
+    ]
+    assert main([*base, "--ask", "What colour?", "--at", "1s,2.5"]) == 0
+    out = capsys.readouterr()
+    lines = [line for line in out.out.splitlines() if line.startswith("[")]
+    assert lines == [
+        "[1.0s, 3 frames] What colour?",
+        "[2.5s, 6 frames] What colour?",
+    ]  # frames at 0, 0.5, ...
+    assert "streamed 6 frames (6 tokens each)" in out.err
+    assert main([*base, "--ask", "What colour?", "--at", "0:01", "--ask", "Anything else?", "--at", "3"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert lines == ["[1.0s, 3 frames] What colour?", "[3.0s, 6 frames] Anything else?"]
+    assert main([*base, "--ask", "Anything else?"]) == 0  # no --at: asked at the end
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")] == [
+        "[3.0s, 6 frames] Anything else?"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"video": "missing.mp4"}, "does not exist"),
+        ({"--fps": "0"}, "--fps must be positive"),
+        ({"--at": "9s"}, "past the end of the video"),
+        ({"--at": "soon"}, "is not seconds"),
+        ({"--frame-size": "50"}, "multiple of 28"),
+        ({"--max-new-tokens": "0"}, "at least 1"),
+        ({"extra": ["--ask", "Q2?", "--at", "1", "--at", "2"]}, "one --at per --ask"),
+    ],
+)
+def test_stream_cli_rejects_bad_input_before_loading(
+    saved_hybrid, video, capsys, monkeypatch, change, message
+):
+    monkeypatch.setattr("hybridize.cli.stream_video", lambda *args: pytest.fail("loaded the model"))
+    options = {"--fps": "2", "--at": "1s", "--frame-size": "56", "--max-new-tokens": "2", **change}
+    args = [
+        "stream",
+        options.pop("video", str(video)),
+        str(saved_hybrid),
+        "--ask",
+        "Q?",
+        *options.pop("extra", []),
+    ]
+    args += [item for key, value in options.items() for item in (key, value)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -31,3 +31,12 @@ def test_tiny_pipeline_runs_the_four_stages_with_the_real_configs(tmp_path):
         "supervised_fine_tuning -> long_sequence_sft" in result.stdout
     )
     assert "reply of the final hybrid:" in result.stdout
+
+
+def test_streaming_video_example_streams_in_constant_memory():
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "streaming_video.py")], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[2.0s, 9 frames] answer:" in result.stdout and "[5.0s, 21 frames] answer:" in result.stdout
+    assert "streamed 24 frames" in result.stdout and "(constant)" in result.stdout

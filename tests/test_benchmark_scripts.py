@@ -58,3 +58,28 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
     assert comparison["devices"] == [1, 2] and comparison["match"]
     assert comparison["initial_params_max_abs_diff"] == 0
     assert comparison["loss_max_rel_diff"] < 1e-9  # fp64: only the all-reduce's order of additions differs
+
+
+def test_streaming_fps_streams_both_models(tmp_path, monkeypatch):
+    out = tmp_path / "streaming.json"
+    argv = [
+        "--config",
+        "tiny",
+        "--device",
+        "cpu",
+        "--frames",
+        "14",
+        "--frame-size",
+        "56",
+        "--ask-tokens",
+        "2",
+    ]
+    benchmark_script("streaming_fps", monkeypatch).main([*argv, "--out", str(out)])
+    report = json.loads(out.read_text())
+    hybrid, stock = report["variants"]["hybrid"], report["variants"]["stock"]
+    assert hybrid["frames"] == stock["frames"] == 14 and len(hybrid["latency_ms"]) == 14
+    assert hybrid["windows"][0]["frames"] == [10, 14] and hybrid["windows"][0]["fps"] > 0
+    assert hybrid["ask"]["tokens"] == 2 and stock["tokens"] == hybrid["tokens"]
+    assert stock["state_mib"] > hybrid["state_mib"]  # window 64: the hybrid already dropped keys
+    assert report["command"].startswith("python benchmarks/streaming_fps.py --config tiny")
+    assert "| 10-14 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").is_file()

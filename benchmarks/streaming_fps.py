@@ -1,0 +1,397 @@
+"""Streaming video FPS and memory over thousands of frames: the InfiniteVL hybrid against the stock Qwen2.5-VL-3B.
+
+Both models are built from `hybridize.presets.qwen2_5_vl_3b_config()` with random bf16 weights (speed does not
+depend on their values), SDPA attention; the hybrid is the ratio-1/4 plan (SWA window 8192 at layers 0, 4, ...,
+32, Gated DeltaNet elsewhere). Frames are random 448x448 RGB images (a pool of 8, pinned host memory) fed one at
+a time to `hybridize.inference.streaming.StreamingSession`: per frame, pixels go to the GPU, the ViT encodes
+them (1024 patches -> 256 tokens) and the frame's 258 tokens (with <|vision_start|>/<|vision_end|>) are
+prefilled into the cache. The ViT is included in every number.
+
+- `hybrid`: the session as shipped: the frame encoder replayed from a CUDA graph from the first frame, the
+  per-frame prefill from a second graph once the sliding window is full (frame ~33 at window 8192); constant
+  memory.
+- `stock`: the same session on the stock model (`allow_growing_cache=True`): the encoder graph, an eager
+  prefill appending to a DynamicCache whose keys grow with every frame; it runs until it is out of memory, or
+  `--stock-frames` / `--stock-seconds` is reached.
+
+Per frame: latency between CUDA events around `add_frame` (the GPU time of the frame, launch gaps included;
+no synchronisation between frames, so the host may queue the next frame while the GPU works) and the peak of
+`torch.cuda.max_memory_allocated` during the frame (weights included). Per window of frames (10-100, then
+every `--window-frames`, and the last): median and p90 latency, FPS as 1000 / median ms and as frames over wall
+time (synchronised at the window's ends), and the window's peak memory. After the stream the hybrid answers one
+question (`--ask-tokens` greedy tokens on a branch of the state), timed.
+
+    python benchmarks/streaming_fps.py              # H100: 2,000 hybrid frames + stock up to 600 (~6 min, estimate)
+    python benchmarks/streaming_fps.py --quick      # 300 hybrid frames, stock up to 150 (~2 min, estimate)
+    python benchmarks/streaming_fps.py --config tiny --device cpu --frames 30 --frame-size 56   # CPU smoke run
+    python benchmarks/streaming_fps.py --plot-only benchmarks/results/streaming_fps_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+import hybridize
+from hybridize.converters import build_hybrid_config, hybrid_model_class, plan_layers
+from hybridize.converters.discovery import layer_specs
+from hybridize.inference.streaming import StreamingSession
+from hybridize.presets import (
+    VISION_TOKEN_IDS,
+    qwen2_5_vl_3b_config,
+    tiny_qwen2_5_vl_config,
+    tiny_qwen2_5_vl_processor,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = ("hybrid", "stock")
+TARGET_FPS = 60.0
+POOL = 8  # distinct random frames, cycled
+QUESTION = "What happened in the video so far?"
+
+
+def model_config(name: str):
+    """The 3B architecture (or the tiny one) with the vision token ids of the embedded byte-level tokenizer, so
+    that its processor renders the frames' tokens (the ids' values do not change the speed)."""
+    if name == "tiny":
+        return tiny_qwen2_5_vl_config()
+    config = qwen2_5_vl_3b_config()
+    for key, value in VISION_TOKEN_IDS.items():
+        setattr(config, key, value)
+    return config
+
+
+def build_model(name: str, hybrid: bool, window: int, device: torch.device, dtype: torch.dtype):
+    """The stock model or its ratio-1/4 hybrid, built on the device with random weights."""
+    config = model_config(name)
+    model_class = Qwen2_5_VLForConditionalGeneration
+    if hybrid:
+        layers = config.get_text_config(decoder=True).num_hidden_layers
+        config = build_hybrid_config(config, plan_layers(layers, "1/4", window=window), layer_specs(config))
+        model_class = hybrid_model_class(model_class)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = model_class._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def frame_pool(size: int, device: torch.device) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    frames = [
+        torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=generator) for _ in range(POOL)
+    ]
+    return [frame.pin_memory() for frame in frames] if device.type == "cuda" else frames
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def windows(count: int, every: int) -> list[tuple[int, int]]:
+    """Frame ranges summarised: 10-100, then every `every` frames, and the last `every` (or fewer) frames."""
+    bounds = [(10, min(100, count))] if count > 10 else [(0, count)]
+    start = 100
+    while start + every <= count:
+        bounds.append((start, start + every))
+        start += every
+    last = (max(count - every, 0), count)
+    if count > 100 and last not in bounds:
+        bounds.append(last)
+    return [b for b in bounds if b[1] > b[0]]
+
+
+def summarise(latency_ms: list[float], peak: list[float | None], wall: dict, bounds) -> list[dict]:
+    rows = []
+    for start, end in bounds:
+        chunk = sorted(latency_ms[start:end])
+        median = statistics.median(chunk)
+        row = {
+            "frames": [start, end],
+            "median_ms": median,
+            "p90_ms": chunk[min(len(chunk) - 1, int(0.9 * len(chunk)))],
+            "fps": 1000.0 / median,
+        }
+        if (start, end) in wall:
+            row["fps_wall"] = (end - start) / wall[(start, end)]
+        peaks = [p for p in peak[start:end] if p is not None]
+        row["peak_gib"] = max(peaks) if peaks else None
+        rows.append(row)
+    return rows
+
+
+def stream(args, session: StreamingSession, device: torch.device, frames: int, seconds: float | None) -> dict:
+    """Feed `frames` frames (fewer when out of memory or past `seconds`); per-frame latency and peak memory."""
+    cuda = device.type == "cuda"
+    pool = frame_pool(args.frame_size, device)
+    bounds = windows(frames, args.window_frames)
+    edges = {edge for bound in bounds for edge in bound}
+    timings, peaks, stamps = [], [], {}
+    stop, graph_from, began = "frames", None, time.perf_counter()
+    for index in range(frames):
+        if index in edges:
+            if cuda:
+                torch.cuda.synchronize(device)
+            stamps[index] = time.perf_counter()
+        if seconds is not None and time.perf_counter() - began > seconds:
+            stop = "time budget"
+            break
+        try:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                session.add_frame(pool[index % POOL])
+                end.record()
+                timings.append((start, end))
+                peaks.append(torch.cuda.max_memory_allocated(device) / 2**30)
+            else:
+                start = time.perf_counter()
+                session.add_frame(pool[index % POOL])
+                timings.append(time.perf_counter() - start)
+                peaks.append(None)
+        except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_oom(error):
+                raise
+            stop = "out of memory"
+            break
+        if graph_from is None and session.prefill_graph is not None:
+            graph_from = index
+    if cuda:
+        torch.cuda.synchronize(device)
+    count = len(peaks)
+    stamps[count] = time.perf_counter()
+    latency = [s.elapsed_time(e) for s, e in timings] if cuda else [1000.0 * t for t in timings]
+    done = windows(count, args.window_frames)
+    wall = {(a, b): stamps[b] - stamps[a] for a, b in done if a in stamps and b in stamps}
+    return {
+        "frames": count,
+        "stopped_by": stop,
+        "tokens_per_frame": session.tokens_per_frame,
+        "tokens": session.state.cache.get_seq_length(),
+        "prefill_graph_from_frame": graph_from,
+        "state_mib": session.cache_bytes() / 2**20,
+        "windows": summarise(latency, peaks, wall, done),
+        "latency_ms": latency,
+        "peak_gib": peaks,
+    }
+
+
+def time_ask(args, session: StreamingSession, device: torch.device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    tokens = session.ask_ids(QUESTION, max_new_tokens=args.ask_tokens)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"tokens": len(tokens), "seconds": time.perf_counter() - start}
+
+
+def targets(result: dict) -> dict:
+    """InfiniteVL's streaming targets, checked on the first (10-100) and the last window."""
+    first, last = result["windows"][0], result["windows"][-1]
+    checks = {
+        "fps_first": first["fps"],
+        "fps_last": last["fps"],
+        "fps_at_least_60": min(first["fps"], last["fps"]) >= TARGET_FPS,
+        "latency_last_over_first": last["median_ms"] / first["median_ms"],
+    }
+    if first["peak_gib"] and last["peak_gib"]:
+        checks["peak_memory_last_over_first"] = last["peak_gib"] / first["peak_gib"]
+        checks["peak_memory_flat_within_1pct"] = abs(last["peak_gib"] / first["peak_gib"] - 1) <= 0.01
+    return checks
+
+
+def run_variant(args, report: dict, variant: str, device: torch.device, dtype: torch.dtype, save) -> None:
+    hybrid = variant == "hybrid"
+    print(f"building the {variant} model ...", flush=True)
+    model = build_model(args.config, hybrid, args.window, device, dtype)
+    session = StreamingSession(
+        model,
+        tiny_qwen2_5_vl_processor(),
+        frame_size=args.frame_size,
+        cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs,
+        allow_growing_cache=not hybrid,
+    )
+    frames = args.frames if hybrid else min(args.frames, args.stock_frames)
+    print(f"streaming {frames} frames into the {variant} model ...", flush=True)
+    result = stream(args, session, device, frames, None if hybrid else args.stock_seconds)
+    if hybrid:
+        result["ask"] = time_ask(args, session, device)
+    result["targets"] = targets(result) if result["windows"] else {}
+    report["variants"][variant] = result
+    save()
+    print(markdown_variant(variant, result), flush=True)
+    del session, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def markdown_variant(variant: str, result: dict) -> str:
+    lines = [
+        f"### {variant}: {result['frames']} frames ({result['tokens_per_frame']} tokens each, "
+        f"{result['tokens']} tokens in all), stopped by {result['stopped_by']}; state {result['state_mib']:.1f} MiB"
+        + (
+            f"; prefill graph from frame {result['prefill_graph_from_frame']}"
+            if result["prefill_graph_from_frame"]
+            else ""
+        ),
+        "",
+        "| frames | median ms | p90 ms | FPS (1000/median) | FPS (wall) | peak GiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in result["windows"]:
+        wall = f"{row['fps_wall']:.1f}" if "fps_wall" in row else ""
+        peak = f"{row['peak_gib']:.3f}" if row["peak_gib"] is not None else ""
+        lines.append(
+            f"| {row['frames'][0]}-{row['frames'][1]} | {row['median_ms']:.2f} | {row['p90_ms']:.2f} | "
+            f"{row['fps']:.1f} | {wall} | {peak} |"
+        )
+    if "ask" in result:
+        lines += ["", f"ask: {result['ask']['tokens']} tokens in {result['ask']['seconds']:.2f} s"]
+    if result.get("targets"):
+        lines += [
+            "",
+            "targets: "
+            + ", ".join(
+                f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}"
+                for k, v in result["targets"].items()
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    head = f"{report['command']}\n\n{report['device']}, {report['date']}, " + ", ".join(
+        f"{name} {version}" for name, version in report["versions"].items() if version
+    )
+    sections = [markdown_variant(variant, result) for variant, result in report["variants"].items()]
+    return "\n\n".join([head, *sections]) + "\n"
+
+
+def plot(report: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (rerun with --plot-only JSON where it is)")
+        return False
+    figure, (latency, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for variant, result in report["variants"].items():
+        frames = range(result["frames"])
+        latency.plot(frames, result["latency_ms"], linewidth=0.6, label=variant)
+        if all(p is not None for p in result["peak_gib"]):
+            memory.plot(frames, result["peak_gib"], linewidth=0.8, label=variant)
+    latency.axhline(1000 / TARGET_FPS, color="grey", linestyle="--", linewidth=0.8, label="60 FPS")
+    for axis, ylabel in (
+        (latency, "ms per frame (ViT + prefill)"),
+        (memory, "peak memory during the frame (GiB)"),
+    ):
+        axis.set_xlabel("frame")
+        axis.set_ylabel(ylabel)
+        axis.grid(True, alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend()
+    latency.set_yscale("log")
+    figure.suptitle(
+        f"Streaming {report['frame_size']}x{report['frame_size']} frames, "
+        f"{'Qwen2.5-VL-3B' if report['config'] == '3b' else 'tiny Qwen2.5-VL'} vs its InfiniteVL hybrid, "
+        f"{report['device']}"
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return True
+
+
+def versions() -> dict:
+    found = {"hybridize": hybridize.__version__}
+    for package in ("torch", "transformers", "flash-linear-attention", "fla-core", "triton"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=("3b", "tiny"), default="3b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--frames", type=int, default=2000, help="frames streamed into the hybrid")
+    parser.add_argument(
+        "--stock-frames", type=int, default=600, help="at most this many into the stock model"
+    )
+    parser.add_argument("--stock-seconds", type=float, default=150.0, help="and for at most this long")
+    parser.add_argument("--frame-size", type=int, default=448)
+    parser.add_argument(
+        "--window", type=int, default=None, help="SWA window (default: 8192 on 3b, 64 on tiny)"
+    )
+    parser.add_argument("--window-frames", type=int, default=100, help="frames per summarised window")
+    parser.add_argument("--ask-tokens", type=int, default=16)
+    parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="300 hybrid frames, stock up to 150 / 60 s")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--plot-only", type=Path, default=None, help="redraw table and plot from a JSON result"
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.frames, args.stock_frames, args.stock_seconds = 300, 150, 60.0
+    args.window = args.window or (8192 if args.config == "3b" else 64)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.plot_only is not None:
+        report = json.loads(args.plot_only.read_text())
+        args.plot_only.with_suffix(".md").write_text(markdown(report))
+        plot(report, args.plot_only.with_suffix(".png"))
+        return
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else device.type
+    out = args.out or RESULTS / f"streaming_fps_{tag}{'_quick' if args.quick else ''}.json"
+    report = {
+        "command": "python benchmarks/streaming_fps.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "device": gpu,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "versions": versions(),
+        "config": args.config,
+        "window": args.window,
+        "frame_size": args.frame_size,
+        "dtype": str(dtype),
+        "cuda_graphs": device.type == "cuda" and not args.no_cuda_graphs,
+        "variants": {},
+    }
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown(report))
+
+    for variant in args.variants:
+        run_variant(args, report, variant, device, dtype, save)
+    save()
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

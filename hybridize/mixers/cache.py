@@ -18,7 +18,8 @@ class MixerCacheLayer(DynamicLayer):
     """One layer's mixer states (name -> tensor, batch first) and the number of tokens they have seen.
 
     `in_place=True` (static caches, see `hybridize.inference.static_cache`): once a state exists, new values are
-    copied into it, so its address never changes and a CUDA graph captured over it stays valid.
+    copied into it, so its address never changes and a CUDA graph captured over it stays valid; the cache keeps
+    `seen_tokens` for all its layers.
     """
 
     is_croppable = False
@@ -53,7 +54,8 @@ class MixerCacheLayer(DynamicLayer):
         return self.seen_tokens + query_length, 0
 
     def advance(self, num_tokens: int) -> None:
-        self.seen_tokens += num_tokens
+        if not self.in_place:  # a static cache counts tokens for all its layers (and not inside a captured step)
+            self.seen_tokens += num_tokens
 
     def reset(self) -> None:
         for state in self.states.values():

@@ -50,6 +50,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from hybridize.converters.discovery import find_decoder_layout
 from hybridize.mixers.base import TokenMixer
+from hybridize.mixers.sliding_window import SlidingWindowMixer
 
 QUESTION_MARKER = "\x00question\x00"  # stands in for the question while the chat template is split
 GRAPH_WARMUP_STEPS = 2
@@ -165,12 +166,10 @@ class FrameEncoder:
         device = model.device
         self.rescale = image_processor.rescale_factor if image_processor.do_rescale else None
         self.mean = self.std = None
-        if image_processor.do_normalize:
-            self.mean = torch.tensor(image_processor.image_mean, dtype=torch.float32, device=device).view(
-                3, 1, 1
-            )
-            self.std = torch.tensor(image_processor.image_std, dtype=torch.float32, device=device).view(
-                3, 1, 1
+        if image_processor.do_normalize:  # (3, 1, 1) per channel
+            self.mean, self.std = (
+                torch.tensor(values, dtype=torch.float32, device=device).view(3, 1, 1)
+                for values in (image_processor.image_mean, image_processor.image_std)
             )
         self.grid_thw = torch.tensor([[1, size[0] // self.patch, size[1] // self.patch]], device=device)
         self.vision_kwargs = vision_index_tensors(model.model.visual, self.grid_thw)
@@ -216,7 +215,7 @@ class FrameEncoder:
             try:
                 self.input = pixels.clone()
                 self.graph, self.output = capture_cuda_graph(lambda: self.encode(self.input))
-            except RuntimeError as error:
+            except Exception as error:  # a capture can fail in many ways; eager always works
                 warnings.warn(
                     f"CUDA graph capture of the frame encoder failed ({error}); running it eagerly.",
                     stacklevel=3,
@@ -250,7 +249,10 @@ def vision_index_tensors(visual, grid_thw: torch.Tensor) -> dict[str, Any]:
         grid_thw, spatial_merge_size=merge, window_size=visual.window_size, patch_size=visual.patch_size
     )
     cu_seqlens = get_vision_cu_seqlens(grid_thw)
-    kwargs = dict(position_ids=get_vision_position_ids(grid_thw, merge), window_index=window_index)
+    # window_index is built on the CPU: indexing a device tensor with it would copy it over on every call
+    kwargs = dict(
+        position_ids=get_vision_position_ids(grid_thw, merge), window_index=window_index.to(grid_thw.device)
+    )
     if is_flash_attention_requested(visual.config):
         kwargs.update(
             cu_seqlens=cu_seqlens,
@@ -277,7 +279,7 @@ def growing_layers(model) -> dict[int, str]:
             isinstance(module, TokenMixer) and not module.wraps_attention
         ):
             continue
-        if isinstance(module, TokenMixer) and type(module).__name__ == "SlidingWindowMixer":
+        if isinstance(module, SlidingWindowMixer):
             growing[idx] = "sliding-window mixer (its mask spans every past token)"
         else:
             growing[idx] = "full attention (keeps every key and value)"
@@ -285,10 +287,11 @@ def growing_layers(model) -> dict[int, str]:
 
 
 class StreamState:
-    """A stream's model state on the `DynamicCache` path: the cache, the next M-RoPE position, the last hidden.
+    """A stream's model state: its `DynamicCache`, the next M-RoPE position and the last token's hidden state.
 
-    The interface a session needs from a cache: `prefill` a chunk of embeddings, `branch` the state for a
-    question, `decode` one token. A static cache with graph-captured steps can stand in with the same methods.
+    What a session asks of it: `prefill` a chunk of embeddings, `branch` an independent copy for a question,
+    `decode` one token on that copy. On CUDA the per-frame prefill is replayed by `CapturedPrefill` over the
+    same cache, and answers are decoded over a static cache (`StaticAnswers`) loaded from it.
     """
 
     def __init__(self, model, full_attention_mask: bool):
@@ -482,6 +485,60 @@ def capture_cuda_graph(fn: Callable[[], Any], warmup: Callable[[], Any] | None =
     return graph, output
 
 
+class StaticAnswers:
+    """Answers decoded over a `StaticHybridCache` by a `StaticDecoder` (its one-token step a CUDA graph on CUDA).
+
+    Each question starts by copying the stream's state into the static cache's own buffers, so that the step
+    captured over them stays valid from one question to the next; the stream's cache is only read.
+    """
+
+    def __init__(self, model):
+        from hybridize.inference.decode import StaticDecoder
+        from hybridize.inference.static_cache import StaticHybridCache
+
+        # max_length bounds full-attention layers only, and a stream has none
+        self.cache = StaticHybridCache.for_model(model, batch_size=1, max_length=1)
+        self.decoder = StaticDecoder(model, self.cache)
+
+    def start(
+        self, state: StreamState, token_ids: list[int]
+    ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
+        """Prefill the question after the stream's state: the next (1, vocab) fp32 logits, and the step function."""
+        load_static_cache(self.cache, state.cache)
+        device = self.cache.device
+        ids = torch.tensor([token_ids], device=device)
+        logits = self.decoder.prefill(
+            ids, position_ids=text_positions(state.position, len(token_ids), device)
+        )
+        return logits.float(), self.step
+
+    def step(self, token_id: int) -> torch.Tensor:
+        return self.decoder.step(torch.tensor([token_id], device=self.cache.device)).float()
+
+
+def load_static_cache(static, cache: DynamicCache) -> None:
+    """Copy a stream's `DynamicCache` into a `StaticHybridCache` (same model, batch 1, no full attention):
+    mixer states as they are; the last `window - 1` keys and values of a sliding-window layer into the ring
+    slots of their tokens (token i in slot i % window), which become the only valid slots."""
+    from hybridize.mixers.cache import MixerCacheLayer
+
+    seen = cache.get_seq_length()
+    for valid in static.valid.values():
+        valid.zero_()
+    for target, source in zip(static.layers, cache.layers, strict=True):
+        if isinstance(target, MixerCacheLayer):
+            target.store(**source.states)
+            continue
+        kept = source.keys.shape[-2]
+        slots = torch.arange(seen - kept, seen, device=static.device) % target.capacity
+        target.keys.index_copy_(2, slots, source.keys)
+        target.values.index_copy_(2, slots, source.values)
+        static.valid[target.capacity].index_fill_(1, slots, True)
+    static.length.fill_(seen)
+    static.seen_tokens = seen
+    static.advance_host(0)
+
+
 # ----------------------------------------------------------------------------------------------- video
 
 
@@ -543,6 +600,9 @@ class StreamingSession:
     frame_size: 448 or (height, width), multiples of the ViT's patch x merge size (28 for Qwen2.5-VL); frames
     of another size are resized on the device. system_prompt: None keeps the chat template's default.
     cuda_graphs: capture the frame encoder and the per-frame prefill in CUDA graphs (default: on CUDA).
+    static_decode: decode answers over a static hybrid cache (`hybridize.inference.decode.StaticDecoder`, its
+    decode step a CUDA graph on CUDA) instead of a branch of the stream's DynamicCache (default: on CUDA, for
+    models without growing layers and with SDPA or eager attention).
     allow_growing_cache: stream into a model with full-attention layers, whose cache grows with every frame.
     """
 
@@ -554,6 +614,7 @@ class StreamingSession:
         frame_size: int | tuple[int, int] = 448,
         system_prompt: str | None = None,
         cuda_graphs: bool | None = None,
+        static_decode: bool | None = None,
         allow_growing_cache: bool = False,
     ):
         inner = getattr(model, "model", None)
@@ -574,15 +635,8 @@ class StreamingSession:
         vision_config = model.config.vision_config
         factor = vision_config.patch_size * vision_config.spatial_merge_size
         self.frame_size = parse_frame_size(frame_size, factor)
-        grid_thw = torch.tensor(
-            [
-                [
-                    1,
-                    self.frame_size[0] // vision_config.patch_size,
-                    self.frame_size[1] // vision_config.patch_size,
-                ]
-            ]
-        )
+        patches = [side // vision_config.patch_size for side in self.frame_size]
+        grid_thw = torch.tensor([[1, *patches]])  # one temporal patch of h x w patches
         self.prompt = build_frame_prompt(model, processor, grid_thw, system_prompt)
         device = model.device
         if cuda_graphs is None:
@@ -591,6 +645,15 @@ class StreamingSession:
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {device}.")
         self.cuda_graphs = cuda_graphs
         self.encoder = FrameEncoder(model, processor, self.prompt, self.frame_size, use_graph=cuda_graphs)
+        if static_decode is None:
+            implementation = model.config.get_text_config(decoder=True)._attn_implementation
+            static_decode = device.type == "cuda" and not self.growing and implementation in ("sdpa", "eager")
+        if static_decode and self.growing:
+            raise ValueError(
+                "static_decode needs a model without growing layers (its cache has a fixed size)."
+            )
+        self.static_decode = static_decode
+        self.static_answers: StaticAnswers | None = None  # built by the first question
         self.frame_positions = self.prompt.frame_positions.to(device)[:, None]  # (3, 1, L)
         self.reset()
 
@@ -615,13 +678,14 @@ class StreamingSession:
 
     @torch.inference_mode()
     def add_frame(self, frame) -> None:
-        """Encode one frame and prefill its tokens into the stream's state."""
+        """Encode one frame and prefill its tokens into the stream's state. The work is queued on the GPU and
+        not waited for: a frame in pinned host memory must stay unchanged until the GPU has copied it."""
         embeds = self.encoder(frame)
         positions = self.frame_positions + self.state.position
         if self.prefill_graph is None and self.capture_prefill and self.steady:
             try:
                 self.prefill_graph = CapturedPrefill(self.state, embeds, positions)
-            except RuntimeError as error:
+            except Exception as error:  # a capture can fail in many ways; eager always works
                 warnings.warn(
                     f"CUDA graph capture of the frame prefill failed ({error}); running it eagerly.",
                     stacklevel=2,
@@ -650,18 +714,23 @@ class StreamingSession:
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-        branch = self.state.branch()
-        branch.prefill_text(
-            self.tokenizer(question + self.prompt.suffix, add_special_tokens=False)["input_ids"]
-        )
+        question_ids = self.tokenizer(question + self.prompt.suffix, add_special_tokens=False)["input_ids"]
+        if self.static_decode:
+            if self.static_answers is None:
+                self.static_answers = StaticAnswers(self.model)
+            logits, step = self.static_answers.start(self.state, question_ids)
+        else:
+            branch = self.state.branch()
+            branch.prefill_text(question_ids)
+            logits, step = branch.logits(), branch.decode
         pick = sampler(self.model.generation_config) if do_sample else greedy
         stop = end_of_sequence_ids(self.model.generation_config, self.tokenizer)
-        logits, tokens = branch.logits(), []
+        tokens = []
         while True:
             tokens.append(pick(logits))
             if tokens[-1] in stop or len(tokens) == max_new_tokens:
                 return tokens
-            logits = branch.decode(tokens[-1])
+            logits = step(tokens[-1])
 
     def ask(self, question: str, max_new_tokens: int = 64, do_sample: bool = False) -> str:
         """Answer a question about the frames so far, without disturbing the stream."""

@@ -11,7 +11,14 @@ from PIL import Image
 
 from hybridize.cli import main
 from hybridize.converters import convert, plan_layers, save_hybrid
-from hybridize.inference.streaming import StreamingSession, cache_tensor_slots, sample_video, video_duration
+from hybridize.inference import streaming
+from hybridize.inference.streaming import (
+    LayerSnapshot,
+    StreamingSession,
+    cache_tensor_slots,
+    sample_video,
+    video_duration,
+)
 
 QUESTION = "What changed?"
 
@@ -112,7 +119,9 @@ def test_pixels_match_the_image_processor(hybrid8, tiny_teacher):
     frame = frames(1, (84, 112))[0]
     session = StreamingSession(hybrid8, processor, frame_size=(84, 112))
     rows = session.encoder.patches(session.encoder.prepare(frame))
-    assert torch.equal(rows, processor.image_processor(images=[Image.fromarray(frame)], return_tensors="pt")["pixel_values"])
+    assert torch.equal(
+        rows, processor.image_processor(images=[Image.fromarray(frame)], return_tensors="pt")["pixel_values"]
+    )
     as_tensor = session.encoder(torch.from_numpy(frame))
     assert torch.equal(session.encoder(Image.fromarray(frame)), as_tensor)
     assert torch.equal(session.encoder(frame), as_tensor)
@@ -144,6 +153,24 @@ def test_ask_leaves_the_stream_untouched_and_answers_like_generate(hybrid64, tin
         session.add_frame(frame)
     unasked = stream_of(hybrid64, processor, stream, frame_size=56)
     assert_same_states(session.state.cache, unasked.state.cache, exact=True)
+
+
+def test_static_decode_answers_like_the_dynamic_branch(hybrid64, tiny_teacher):
+    processor = tiny_teacher[1]
+    stream = frames(16)
+    static = stream_of(hybrid64, processor, stream[:3], frame_size=56, static_decode=True)
+    dynamic = stream_of(hybrid64, processor, stream[:3], frame_size=56, static_decode=False)
+    assert static.static_decode and not dynamic.static_decode
+    for frame in [None, *stream[3:]]:  # the window (64) fills and the ring wraps around
+        if frame is not None:
+            static.add_frame(frame)
+            dynamic.add_frame(frame)
+        if frame is None or static.frames in (9, 16):
+            assert static.ask_ids(QUESTION, max_new_tokens=6) == dynamic.ask_ids(QUESTION, max_new_tokens=6)
+    assert static.static_answers is not None and dynamic.static_answers is None
+    assert_same_states(static.state.cache, dynamic.state.cache, exact=True)
+    with pytest.raises(ValueError, match="static_decode"):
+        StreamingSession(tiny_teacher[0], processor, static_decode=True, allow_growing_cache=True)
 
 
 def test_sampled_answers_stay_within_max_new_tokens(hybrid8, tiny_teacher):
@@ -179,12 +206,63 @@ def test_full_attention_models_are_refused_unless_growth_is_allowed(tiny_teacher
     torch.testing.assert_close(session.next_token_logits(), expected, rtol=1e-4, atol=1e-5)
 
 
+class ReplayedStep:
+    """A CPU stand-in for a CUDA graph over `CapturedPrefill.step`: capture runs the step once and then undoes
+    what it did to the cache's tensors (a capture executes no kernel); replay runs it again with the layers'
+    Python attributes put back afterwards (a replay runs no Python) and writes into the captured output."""
+
+    def __init__(self, step, output):
+        self.step, self.output, self.cache = step, output, step.__self__.state.cache
+
+    @classmethod
+    def capture(cls, step, warmup=None):
+        cache = step.__self__.state.cache
+        for _ in range(2):
+            warmup()
+        before = [tensor.clone() for _, _, tensor in cache_tensor_slots(cache)]
+        output = step()
+        for (_, _, tensor), saved in zip(cache_tensor_slots(cache), before, strict=True):
+            tensor.copy_(saved)
+        return cls(step, output), output
+
+    def replay(self):
+        snapshots = [LayerSnapshot(layer) for layer in self.cache.layers]
+        result = self.step()
+        for snapshot in snapshots:
+            snapshot.restore()
+        self.output.copy_(result)
+
+
+def test_captured_prefill_bookkeeping_equals_eager(hybrid64, tiny_teacher, monkeypatch):
+    """What the prefill graph relies on, short of CUDA: fixed buffers, copy-back, counters advanced by hand."""
+    monkeypatch.setattr(streaming, "capture_cuda_graph", ReplayedStep.capture)
+    processor, stream = tiny_teacher[1], frames(16)
+    captured = StreamingSession(hybrid64, processor, frame_size=56, cuda_graphs=False)
+    captured.capture_prefill = True
+    eager = StreamingSession(hybrid64, processor, frame_size=56, cuda_graphs=False)
+    sizes = {}
+    for frame in stream:
+        captured.add_frame(frame)
+        eager.add_frame(frame)
+        sizes[captured.frames] = captured.cache_bytes()
+        if captured.prefill_graph is None:
+            assert captured.state.cache.get_seq_length() < 64 + 2 * captured.tokens_per_frame
+    assert captured.prefill_graph is not None and sizes[14] == sizes[16]
+    assert_same_states(captured.state.cache, eager.state.cache, exact=True)
+    assert captured.state.cache.get_seq_length() == eager.state.cache.get_seq_length()
+    assert torch.equal(captured.next_token_logits(), eager.next_token_logits())
+    assert captured.ask_ids(QUESTION, 4) == eager.ask_ids(QUESTION, 4)
+    captured.add_frame(stream[0])
+    eager.add_frame(stream[0])
+    assert_same_states(captured.state.cache, eager.state.cache, exact=True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graphs_equal_eager(tiny_hybrid, tiny_teacher):
     model = copy.deepcopy(tiny_hybrid).cuda()
     stream = frames(40)
     graphed = StreamingSession(model, tiny_teacher[1], frame_size=56, cuda_graphs=True)
-    eager = StreamingSession(model, tiny_teacher[1], frame_size=56, cuda_graphs=False)
+    eager = StreamingSession(model, tiny_teacher[1], frame_size=56, cuda_graphs=False, static_decode=False)
     memory = {}
     for index, frame in enumerate(stream, start=1):
         graphed.add_frame(frame)

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "belongs to the i-th --ask; a single --at applies to every question; without --at, questions are "
         "asked at the end of the video.",
     )
-    stream.add_argument("video")
+    stream.add_argument("video", help="video file (anything FFmpeg reads: mp4, mkv, webm, ...)")
     stream.add_argument("path", help="saved hybrid directory")
     stream.add_argument(
         "--fps", type=float, default=2.0, help="frames sampled per second of video (default 2)"

@@ -606,6 +606,7 @@ class StreamingSession:
     allow_growing_cache: stream into a model with full-attention layers, whose cache grows with every frame.
     """
 
+    @torch.no_grad()  # not inference mode: its tensors stay usable wherever the caller runs the encoder
     def __init__(
         self,
         model,

@@ -47,7 +47,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 import hybridize
 from hybridize.converters import build_hybrid_config, hybrid_model_class, plan_layers
 from hybridize.converters.discovery import layer_specs
-from hybridize.inference.streaming import StreamingSession
+from hybridize.inference.streaming import StreamingSession, cache_tensor_slots
 from hybridize.presets import (
     VISION_TOKEN_IDS,
     qwen2_5_vl_3b_config,
@@ -245,17 +245,77 @@ def targets(result: dict) -> dict:
     return checks
 
 
-def run_variant(args, report: dict, variant: str, device: torch.device, dtype: torch.dtype, save) -> None:
-    hybrid = variant == "hybrid"
-    print(f"building the {variant} model ...", flush=True)
-    model = build_model(args.config, hybrid, args.window, device, dtype)
-    session = StreamingSession(
+def new_session(args, model, device: torch.device, hybrid: bool) -> StreamingSession:
+    return StreamingSession(
         model,
         tiny_qwen2_5_vl_processor(),
         frame_size=args.frame_size,
         cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs,
         allow_growing_cache=not hybrid,
     )
+
+
+def relative_rms(reference: torch.Tensor, value: torch.Tensor) -> float:
+    reference, value = reference.double(), value.double()
+    return ((reference - value).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt().clamp(min=1e-30)).item()
+
+
+@torch.no_grad()
+def check_one_shot(args, model, device: torch.device) -> dict:
+    """The stream's state after `--check-frames` frames (fed one at a time, CUDA graphs and all) against the
+    model's own forward over the same tokens in one pass (its own ViT, get_rope_index positions and cache):
+    relative RMS error of the next-token logits and of each kind of cache tensor (worst layer)."""
+    session = new_session(args, model, device, hybrid=True)
+    frames = [frame_pool(args.frame_size, device)[i % POOL] for i in range(args.check_frames)]
+    for frame in frames:
+        session.add_frame(frame)
+    prompt, encoder = session.prompt, session.encoder
+    ids = torch.tensor(prompt.prefix_ids + prompt.frame_ids.tolist() * len(frames), device=device)[None]
+    pixel_values = torch.cat([encoder.patches(encoder.prepare(frame)) for frame in frames])
+    out = model(
+        input_ids=ids,
+        pixel_values=pixel_values,
+        image_grid_thw=encoder.grid_thw.repeat(len(frames), 1),
+        mm_token_type_ids=(ids == model.config.image_token_id).long(),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    errors: dict[str, float] = {}
+    streamed, one_shot = cache_tensor_slots(session.state.cache), cache_tensor_slots(out.past_key_values)
+    for (_, key, mine), (_, _, reference) in zip(streamed, one_shot, strict=True):
+        if key.startswith("_"):
+            continue
+        errors[key] = max(errors.get(key, 0.0), relative_rms(reference, mine))
+    logits = out.logits[:, -1].float()
+    result = {
+        "frames": len(frames),
+        "tokens": ids.shape[1],
+        "prefill_graph": session.prefill_graph is not None,
+        "logits_rel_rms": relative_rms(logits, session.next_token_logits()),
+        "same_argmax": bool(logits.argmax() == session.next_token_logits().argmax()),
+        "state_rel_rms": errors,
+    }
+    del session, out
+    free(device)
+    return result
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_variant(args, report: dict, variant: str, device: torch.device, dtype: torch.dtype, save) -> None:
+    hybrid = variant == "hybrid"
+    print(f"building the {variant} model ...", flush=True)
+    model = build_model(args.config, hybrid, args.window, device, dtype)
+    if hybrid and args.check_frames:
+        print(f"checking {args.check_frames} streamed frames against one forward over them ...", flush=True)
+        report["one_shot_check"] = check_one_shot(args, model, device)
+        save()
+        print(json.dumps(report["one_shot_check"]), flush=True)
+    session = new_session(args, model, device, hybrid)
     frames = args.frames if hybrid else min(args.frames, args.stock_frames)
     print(f"streaming {frames} frames into the {variant} model ...", flush=True)
     result = stream(args, session, device, frames, None if hybrid else args.stock_seconds)
@@ -269,9 +329,7 @@ def run_variant(args, report: dict, variant: str, device: torch.device, dtype: t
     save()
     print(markdown_variant(variant, result), flush=True)
     del session, model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free(device)
 
 
 def markdown_variant(variant: str, result: dict) -> str:
@@ -321,6 +379,16 @@ def markdown(report: dict) -> str:
     if report.get("matmul_tflops"):
         head += f"; measured bf16 matmul rate {report['matmul_tflops']:.0f} TFLOP/s"
     sections = [markdown_variant(variant, result) for variant, result in report["variants"].items()]
+    check = report.get("one_shot_check")
+    if check:
+        states = ", ".join(f"{key} {error:.2e}" for key, error in check["state_rel_rms"].items())
+        sections.insert(
+            0,
+            f"One-shot check: {check['frames']} frames streamed one at a time (prefill graph used: "
+            f"{check['prefill_graph']}) against one forward over the same {check['tokens']} tokens, relative "
+            f"RMS error: logits {check['logits_rel_rms']:.2e} (same argmax: {check['same_argmax']}); worst layer "
+            f"per state: {states}.",
+        )
     return "\n\n".join([head, *sections]) + "\n"
 
 
@@ -386,6 +454,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--window-frames", type=int, default=100, help="frames per summarised window")
     parser.add_argument("--ask-tokens", type=int, default=16)
+    parser.add_argument(
+        "--check-frames",
+        type=int,
+        default=None,
+        help="frames streamed and checked against one forward over them first (default: 40 on 3b, past the "
+        "window and the prefill graph's capture; 12 on tiny; 0 skips)",
+    )
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--quick", action="store_true", help="300 hybrid frames, stock up to 150 / 60 s")
     parser.add_argument("--out", type=Path, default=None)
@@ -396,6 +471,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.frames, args.stock_frames, args.stock_seconds = 300, 150, 60.0
     args.window = args.window or (8192 if args.config == "3b" else 64)
+    if args.check_frames is None:
+        args.check_frames = 40 if args.config == "3b" else 12
     return args
 
 

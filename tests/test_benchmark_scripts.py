@@ -82,4 +82,8 @@ def test_streaming_fps_streams_both_models(tmp_path, monkeypatch):
     assert hybrid["ask"]["tokens"] == 2 and stock["tokens"] == hybrid["tokens"]
     assert stock["state_mib"] > hybrid["state_mib"]  # window 64: the hybrid already dropped keys
     assert report["command"].startswith("python benchmarks/streaming_fps.py --config tiny")
+    check = report["one_shot_check"]
+    assert check["frames"] == 12 and check["same_argmax"] and check["logits_rel_rms"] < 1e-4
+    assert set(check["state_rel_rms"]) >= {"keys", "values", "recurrent"}
+    assert max(check["state_rel_rms"].values()) < 1e-4
     assert "| 10-14 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").is_file()

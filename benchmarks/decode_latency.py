@@ -10,20 +10,23 @@ depend on their values), SDPA attention; the hybrid is the ratio-1/4 plan (SWA w
   with the position, is computed inside the graph as transformers' SDPA mask would be);
 - `hybrid_eager`: the hybrid with transformers' DynamicCache and the mixers' own slots, eager forward;
 - `hybrid_static_graph`: the hybrid through `hybridize.inference.decode.StaticDecoder` (static hybrid cache,
-  decode step captured once in a CUDA graph and replayed for every context).
+  decode step captured once in a CUDA graph and replayed for every context);
+- `hybrid_static_graph_compiled`: the same with the step's forward compiled by torch.compile before the capture
+  (`StaticDecoder(compile=True)`; the compile time is in `warmup_s` of the first context).
 
 Context is created cheaply: every cache is filled with random values and its position counters set to the
 context length (the step's cost depends on the context only through the buffer sizes and positions; for the
 hybrid the buffers do not grow at all). A real prefill is also timed (`--prefill-contexts`): the stock model
 in one forward, the hybrid chunked into its static cache (`--prefill-chunk`); the hybrid's graph decode is then
-timed again from that real state. Timing per METHOD.md: warm-up steps, then `--repeats` runs of `--steps`
-tokens each between CUDA events (a step = feed the last token, run the model, argmax), the median reported;
+timed again from that real state. Timing per METHOD.md: warm-up steps, then `--repeats` runs of up to
+`--steps` tokens each (fewer for slow steps, so a run lasts about a second) between CUDA events (a step = feed
+the last token, run the model, argmax), the median reported;
 peak memory is `torch.cuda.max_memory_allocated` over filling plus timing (weights included). A variant that
 runs out of memory is recorded as such and skipped for longer contexts. The floor is the bytes of decoder
 and lm_head weights over the device-to-device copy bandwidth measured at the start.
 
     python benchmarks/decode_latency.py                     # H100: ~8 minutes (estimate), every context
-    python benchmarks/decode_latency.py --quick             # 1K and 128K, fewer steps: ~3 minutes
+    python benchmarks/decode_latency.py --quick             # 1K and 128K, no prefill, fewer steps: ~3 minutes
     python benchmarks/decode_latency.py --config tiny --device cpu --contexts 32 64   # CPU smoke run
     python benchmarks/decode_latency.py --plot-only benchmarks/results/decode_latency_h100.json
 """
@@ -54,7 +57,13 @@ from hybridize.mixers.cache import MixerCacheLayer
 from hybridize.presets import qwen2_5_vl_3b_config, tiny_qwen2_5_vl_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = ("stock_eager", "stock_static_graph", "hybrid_eager", "hybrid_static_graph")
+VARIANTS = (
+    "stock_eager",
+    "stock_static_graph",
+    "hybrid_eager",
+    "hybrid_static_graph",
+    "hybrid_static_graph_compiled",
+)
 CONTEXTS = ("1K", "16K", "64K", "128K", "512K", "1M")
 CONFIGS = {"3b": dict(window=8192), "tiny": dict(window=16)}
 
@@ -146,16 +155,21 @@ class Clock:
 
 
 def time_decode(step, clock: Clock, steps: int, repeats: int, warmup: int) -> dict:
-    """ms per token of `step` (one token through the model): warm-up, then the median of `repeats` runs."""
+    """ms per token of `step` (one token through the model): warm-up, then the median of `repeats` runs of up to
+    `steps` tokens, fewer when a step is slow (a run then lasts about a second)."""
+    begin = time.perf_counter()
     for _ in range(warmup):
         step()
+    warmup_s = time.perf_counter() - begin
+    steps = max(2, min(steps, int(1.0 / max(clock.time(step), 1e-6))))
 
     def run():
         for _ in range(steps):
             step()
 
     per_token = [1e3 * clock.time(run) / steps for _ in range(repeats)]
-    return {"ms_per_token": statistics.median(per_token), "ms_per_token_runs": per_token}
+    median = statistics.median(per_token)
+    return {"ms_per_token": median, "ms_per_token_runs": per_token, "steps": steps, "warmup_s": warmup_s}
 
 
 def free() -> None:
@@ -364,7 +378,7 @@ def measure(args, variant: str, model, context: int, device, generator, decoder=
     result.update(
         peak_gib=peak_gib(device),
         cuda_graph=not eager and cuda_graph,
-        cache_gib=(decoder.cache.nbytes() / 2**30) if variant == "hybrid_static_graph" else None,
+        cache_gib=(decoder.cache.nbytes() / 2**30) if decoder is not None else None,
     )
     del held, step
     return result
@@ -406,12 +420,17 @@ def run_model(args, report: dict, hybrid: bool, device: torch.device, dtype: tor
     if report.get("bandwidth_bytes_per_s"):
         report["models"][name]["floor_ms"] = 1e3 * decode_bytes(model) / report["bandwidth_bytes_per_s"]
     generator = torch.Generator(device).manual_seed(args.seed)
-    decoder = None
+    decoder, decoders = None, {}
     if hybrid:
-        decoder = StaticDecoder(
-            model, StaticHybridCache.for_model(model, 1, max_length=1), cuda_graph=device.type == "cuda"
-        )
+        cache = StaticHybridCache.for_model(model, 1, max_length=1)
+        decoder = StaticDecoder(model, cache, cuda_graph=device.type == "cuda")
         decoder.prefill(random_ids(model, 16, device))  # allocates the mixer states
+        # one cache for both static variants: each decoder's graph is captured over its buffers
+        decoders = {"hybrid_static_graph": decoder}
+        if "hybrid_static_graph_compiled" in args.variants:
+            decoders["hybrid_static_graph_compiled"] = StaticDecoder(
+                model, cache, cuda_graph=device.type == "cuda", compile=True
+            )
 
     for context in args.prefill_contexts:
         key = f"{name}/{label(context)}"
@@ -438,7 +457,7 @@ def run_model(args, report: dict, hybrid: bool, device: torch.device, dtype: tor
                 continue
             try:
                 report["decode"][variant][key] = measure(
-                    args, variant, model, context, device, generator, decoder
+                    args, variant, model, context, device, generator, decoders.get(variant)
                 )
             except Exception as error:  # noqa: BLE001
                 if not is_oom(error):
@@ -448,7 +467,7 @@ def run_model(args, report: dict, hybrid: bool, device: torch.device, dtype: tor
             free()
             print(f"{variant} {key}: {report['decode'][variant][key]}", flush=True)
             save()
-    del model, decoder
+    del model, decoder, decoders
     free()
 
 
@@ -550,9 +569,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="3b")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--contexts", nargs="+", default=list(CONTEXTS), help="e.g. 1K 16K 128K 1M")
+    parser.add_argument("--contexts", nargs="+", default=None, help=f"default {' '.join(CONTEXTS)}")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--prefill-contexts", nargs="*", default=["16K", "64K"])
+    parser.add_argument("--prefill-contexts", nargs="*", default=None, help="default 16K 64K")
     parser.add_argument("--prefill-chunk", type=int, default=8192, help="the hybrid's prefill chunk (tokens)")
     parser.add_argument("--prefill-repeats", type=int, default=2)
     parser.add_argument("--window", type=int, default=None, help="SWA window (default: 8192 on 3b)")
@@ -562,7 +581,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eager-steps", type=int, default=8, help="tokens per timed run (eager variants)")
     parser.add_argument("--eager-repeats", type=int, default=3)
     parser.add_argument("--eager-warmup", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="1K and 128K, fewer steps, prefill 16K only")
+    parser.add_argument("--quick", action="store_true", help="1K and 128K, fewer steps, no prefill")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
@@ -570,10 +589,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.contexts, args.prefill_contexts = ["1K", "128K"], ["16K"]
+        args.contexts = args.contexts or ["1K", "128K"]
+        args.prefill_contexts = (
+            args.prefill_contexts or []
+        )  # fla's prefill kernels autotune for minutes first
         args.steps, args.repeats, args.warmup = 32, 5, 4
         args.eager_steps, args.eager_repeats, args.eager_warmup = 4, 2, 1
         args.prefill_repeats = 1
+    args.contexts = args.contexts or list(CONTEXTS)
+    args.prefill_contexts = ["16K", "64K"] if args.prefill_contexts is None else args.prefill_contexts
     args.window = args.window or CONFIGS[args.config]["window"]
     args.contexts = [parse_tokens(c) for c in args.contexts]
     args.prefill_contexts = [parse_tokens(c) for c in args.prefill_contexts]

@@ -4,6 +4,7 @@ flip a token: any difference is a bug), the CUDA-graph step against the eager on
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -195,3 +196,20 @@ def test_cuda_graph_decode_matches_eager(tiny_hybrid, vl_inputs):
     assert torch.equal(outputs[True], outputs[False])
     with torch.no_grad():
         assert torch.equal(outputs[True], model.generate(**inputs, max_new_tokens=16, do_sample=False))
+
+
+def test_decode_latency_benchmark_smoke(tmp_path, monkeypatch):
+    """benchmarks/decode_latency.py end to end on CPU with the tiny model (its GPU results are committed)."""
+    from tests.test_benchmark_scripts import benchmark_script
+
+    out = tmp_path / "decode_latency.json"
+    variants = ["stock_eager", "stock_static_graph", "hybrid_eager", "hybrid_static_graph"]
+    argv = ["--config", "tiny", "--device", "cpu", "--contexts", "24", "--prefill-contexts", "20"]
+    argv += ["--steps", "2", "--repeats", "1", "--warmup", "1", "--eager-steps", "1", "--eager-repeats", "1"]
+    benchmark_script("decode_latency", monkeypatch).main([*argv, "--variants", *variants, "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert list(report["decode"]) == variants
+    assert all(report["decode"][variant]["24"]["ms_per_token"] > 0 for variant in variants)
+    assert set(report["prefill"]) == {"stock/20", "hybrid/20"}
+    assert report["command"].startswith("python benchmarks/decode_latency.py --config tiny")
+    assert "| 24 |" in out.with_suffix(".md").read_text()

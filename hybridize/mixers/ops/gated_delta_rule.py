@@ -118,6 +118,40 @@ def chunk_gated_delta_rule_torch(
     return out[:, :, :length].transpose(1, 2), (state if output_final_state else None)
 
 
+@torch.library.custom_op("hybridize::fla_fused_recurrent_gated_delta_rule", mutates_args=())
+def fla_fused_recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    use_qk_l2norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fla's fused recurrent kernel (decode), as an operator torch.compile keeps whole instead of breaking its
+    graph on the Triton launch. Returns the output and the fp32 final state (B, H, K, V)."""
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+    return fused_recurrent_gated_delta_rule(
+        q=q,
+        k=k,
+        v=v,
+        g=g,
+        beta=beta,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=use_qk_l2norm,
+    )
+
+
+@fla_fused_recurrent_gated_delta_rule.register_fake
+def _(q, k, v, g, beta, scale, initial_state, use_qk_l2norm):
+    batch, _, heads, value_dim = v.shape
+    return torch.empty_like(v), v.new_empty(batch, heads, k.shape[-1], value_dim, dtype=torch.float32)
+
+
 def gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -144,11 +178,22 @@ def gated_delta_rule(
     if initial_state is not None:
         initial_state = initial_state.to(compute_dtype(v))
 
+    if backend == "fla" and mode == "recurrent":
+        out, state = fla_fused_recurrent_gated_delta_rule(
+            q,
+            k,
+            v,
+            g.float(),
+            beta.to(q.dtype),
+            k.shape[-1] ** -0.5 if scale is None else scale,
+            None if initial_state is None else initial_state.float(),
+            use_qk_l2norm,
+        )
+        return out.to(v.dtype), (state if output_final_state else None)
     if backend == "fla":
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-        kernel = chunk_gated_delta_rule if mode == "chunk" else fused_recurrent_gated_delta_rule
-        out, state = kernel(
+        out, state = chunk_gated_delta_rule(
             q=q,
             k=k,
             v=v,

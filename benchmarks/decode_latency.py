@@ -541,7 +541,8 @@ def plot(report: dict, path: Path) -> bool:
         axis.set_xlabel("context (tokens)")
         axis.set_ylabel(ylabel)
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend()
+        if axis.lines:
+            axis.legend()
     latency.set_yscale("log")
     figure.suptitle(f"Qwen2.5-VL-3B vs InfiniteVL hybrid, batch 1, {report['device']}")
     figure.tight_layout()

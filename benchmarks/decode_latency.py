@@ -459,11 +459,9 @@ def run_model(args, report: dict, hybrid: bool, device: torch.device, dtype: tor
                 report["decode"][variant][key] = measure(
                     args, variant, model, context, device, generator, decoders.get(variant)
                 )
-            except Exception as error:  # noqa: BLE001
-                if not is_oom(error):
-                    raise
-                out_of_memory = True
-                report["decode"][variant][key] = {"oom": True, "error": str(error).splitlines()[0][:200]}
+            except Exception as error:  # noqa: BLE001 - recorded, so one broken variant does not lose the run
+                out_of_memory = is_oom(error)
+                report["decode"][variant][key] = {"oom": out_of_memory, "error": repr(error)[:300]}
             free()
             print(f"{variant} {key}: {report['decode'][variant][key]}", flush=True)
             save()
@@ -491,7 +489,7 @@ def markdown(report: dict) -> str:
                 peak = f" ({result['peak_gib']:.1f})" if result.get("peak_gib") is not None else ""
                 cells.append(f"{result['ms_per_token']:.2f}{peak}")
             else:
-                cells.append("OOM" if result.get("oom") else result.get("skipped", "-") and "-")
+                cells.append("OOM" if result.get("oom") else "error" if result.get("error") else "-")
         lines.append(f"| {context} | " + " | ".join(cells) + " |")
     if report["prefill"]:
         lines += ["", "| prefill | seconds | tokens/s | peak GiB | hybrid graph decode after it (ms/token) |"]

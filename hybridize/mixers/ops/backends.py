@@ -21,8 +21,8 @@ KERNEL_LIBRARIES = {
 }
 
 
-@torch.compiler.assume_constant_result  # torch.compile cannot trace the import machinery; the answer is fixed
 @functools.cache
+@torch.compiler.assume_constant_result  # torch.compile cannot trace the import machinery; the answer is fixed
 def library_available(library: str) -> bool:
     """True when `library`'s kernels import and a CUDA device exists."""
     module, _ = KERNEL_LIBRARIES[library]

@@ -18,6 +18,7 @@ the same distributions with the same random numbers.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
 import torch
@@ -106,8 +107,6 @@ def _decode_attention(configs: list) -> Iterator[None]:
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
-    import inspect
-
     return name in inspect.signature(model.forward).parameters
 
 
@@ -361,7 +360,8 @@ def static_generate(
     """generate()'s token loop over a static hybrid cache: pass it as `model.generate(...,
     custom_generate=static_generate)`; generate prepares everything else as usual.
 
-    decoder: a `StaticDecoder` to reuse (its captured graph and buffers; its batch size must match), else one
+    decoder: a `StaticDecoder` to reuse (its captured graph and buffers; its batch size must match; its cache is
+    reset: to continue from a filled cache, call `decoder.step` yourself), else one
     is built for this call (cache max_length = prompt + max_new_tokens) with `cuda_graph` and `compile` (see
     `StaticDecoder`). sync_every: steps between host checks
     for every sequence having finished (each check waits for the GPU); steps run past that point are cut from

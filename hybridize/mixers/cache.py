@@ -54,7 +54,8 @@ class MixerCacheLayer(DynamicLayer):
         return self.seen_tokens + query_length, 0
 
     def advance(self, num_tokens: int) -> None:
-        if not self.in_place:  # a static cache counts tokens for all its layers (and not inside a captured step)
+        # A static cache counts tokens for all its layers (and not inside a captured step).
+        if not self.in_place:
             self.seen_tokens += num_tokens
 
     def reset(self) -> None:

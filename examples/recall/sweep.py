@@ -11,7 +11,8 @@ The experiment, end to end, with hybridize's own stages:
      the SFT stage) for as many steps as the distilled students get, so that the window, not a lack of
      training, is what it is judged on.
    - InfiniteVL layout: 1/4 of the layers SWA, the others Gated DeltaNet, with both init policies (mimic,
-     attention_transfer); then the Mamba-2 and GLA mixers and the ratios 1/8 and 1/2, with the winning init.
+     attention_transfer); the Mamba-2 and GLA mixers with their own default init; the ratios 1/8 and 1/2
+     with the recipe's (mimic). The report names the better init of the two InfiniteVL-layout runs.
    The mixer students run stage 1a (layer-wise MSE) then stage 1b (end-to-end KL) of hybridize's recipe,
    each stage starting from the previous stage's export.
 3. Recall as a function of the key-query distance, from inside the window to 8x the window and beyond, for
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,6 +55,7 @@ from mqar import MQARBatches, MQARTask, accuracy_in_bins, recall_by_distance  # 
 from hybridize.converters import convert, load, plan_layers  # noqa: E402
 from hybridize.lightning_modules import EndToEndDistillation, LayerwiseDistillation, SupervisedFineTuning  # noqa: E402
 from hybridize.lightning_modules.losses import token_cross_entropy  # noqa: E402
+from hybridize.mixers import get_mixer_class  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class Variant:
     label: str
     ratio: str
     mixer: str = "gated_deltanet"
-    init: str = "winner"  # "mimic", "attention_transfer", or "winner": the better of the two InfiniteVL runs
+    init: str | None = None  # "mimic", "attention_transfer", or None: the mixer's own default
     training: str = "distil"  # "distil" (stages 1a + 1b), "sft" (the task's cross-entropy), "none"
 
 
@@ -76,8 +78,8 @@ VARIANTS = {
     ),
     "mamba2": Variant("1/4 SWA + Mamba-2", "1/4", mixer="mamba2"),
     "gla": Variant("1/4 SWA + GLA", "1/4", mixer="gla"),
-    "ratio_1_8": Variant("1/8 SWA + Gated DeltaNet", "1/8"),
-    "ratio_1_2": Variant("1/2 SWA + Gated DeltaNet", "1/2"),
+    "ratio_1_8": Variant("1/8 SWA + Gated DeltaNet", "1/8", init="mimic"),
+    "ratio_1_2": Variant("1/2 SWA + Gated DeltaNet", "1/2", init="mimic"),
 }
 INIT_CANDIDATES = {"ivl_mimic": "mimic", "ivl_transfer": "attention_transfer"}
 
@@ -316,9 +318,8 @@ def run_sweep(
     teacher_dir: Path | None = None,
     jobs: int = 1,
 ) -> dict:
-    """Train (or load) the teacher, then every variant, and write the report to `results`. The variants with a
-    fixed init run first, then those that take the winning init; with jobs > 1 the variants of each group run
-    in that many processes at once (the tiny models leave a GPU mostly idle)."""
+    """Train (or load) the teacher, then every variant, and write the report to `results` after each one. With
+    jobs > 1 the variants run in that many processes at once (the tiny models leave a GPU mostly idle)."""
     setting = SETTINGS[setting_name]
     if variants:
         unknown = sorted(set(variants) - set(VARIANTS))
@@ -355,43 +356,40 @@ def run_sweep(
     if min(v for v in teacher_result["table"] if v is not None) < 0.99:
         warnings.warn("The teacher recalls less than 99% at some distance: train it longer.", stacklevel=1)
 
-    fixed = [name for name in setting.variants if VARIANTS[name].init != "winner"]
-    following = [name for name in setting.variants if VARIANTS[name].init == "winner"]
-    results_of = {}
-    for group in (fixed, following):
-        ran = {name: results_of[name] for name in INIT_CANDIDATES if name in results_of}
-        init = winning_init(ran) if ran else "mimic"
-        inits = {name: VARIANTS[name].init if VARIANTS[name].init != "winner" else init for name in group}
-        if jobs > 1 and len(group) > 1:
-            results_of.update(run_in_processes(inits, setting_name, out, teacher_dir, device, jobs))
-        else:
-            for name in group:
-                results_of[name] = run_variant(name, inits[name], teacher, setting, out, device)
-    for name in VARIANTS:  # the table's order
-        if name in results_of:
-            report["seconds"][name] = results_of[name].pop("seconds")
-            report["models"][name] = results_of[name]
+    def record(name: str, result: dict) -> None:  # the report is rewritten after every variant
+        report["seconds"][name] = result.pop("seconds")
+        report["models"][name] = result
+        order = ["teacher", *VARIANTS]
+        report["models"] = dict(sorted(report["models"].items(), key=lambda item: order.index(item[0])))
+        if results is not None:
+            write_results({**report, "environment": environment(device, jobs)}, setting, results)
+
+    if jobs > 1 and len(setting.variants) > 1:
+        run_in_processes(setting.variants, setting_name, out, teacher_dir, device, jobs, record)
+    else:
+        for name in setting.variants:
+            record(name, run_variant(name, teacher, setting, out, device))
 
     ran = {name: report["models"][name] for name in INIT_CANDIDATES if name in report["models"]}
     report["winning_init"] = winning_init(ran) if ran else None
     report["seconds"]["total"] = time.perf_counter() - started
+    print(f"whole sweep: {report['seconds']['total']:.0f} s", flush=True)
     report["environment"] = environment(device, jobs)
     if results is not None:
         write_results(report, setting, results)
     return report
 
 
-def run_variant(
-    name: str, init: str, teacher: nn.Module, setting: Setting, out: Path, device: torch.device
-) -> dict:
+def run_variant(name: str, teacher: nn.Module, setting: Setting, out: Path, device: torch.device) -> dict:
     """Train one student and measure its recall: its report entry, with the seconds it took."""
     variant = VARIANTS[name]
+    init = variant.init or get_mixer_class(variant.mixer).config_class().init
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     tick = time.perf_counter()
     student = train_student(name, variant, init, teacher, setting, out, accelerator)
     result = evaluate(student, setting, device)
     distilled = variant.training == "distil"
-    label = variant.label + (f", {init} init" if variant.init == "winner" and distilled else "")
+    label = variant.label + (f", {init} init" if variant.init is None and distilled else "")
     print(f"{name} recall by distance: {fmt(result['table'])}", flush=True)
     return {
         "label": label,
@@ -402,28 +400,37 @@ def run_variant(
 
 
 def run_in_processes(
-    inits: dict[str, str], setting_name: str, out: Path, teacher_dir: Path, device: torch.device, jobs: int
-) -> dict[str, dict]:
+    names: tuple[str, ...],
+    setting_name: str,
+    out: Path,
+    teacher_dir: Path,
+    device: torch.device,
+    jobs: int,
+    record,
+) -> None:
     """run_variant for each variant in its own process of this script (`--worker`), `jobs` at a time; each
-    writes its entry to <out>/<variant>/result.json and its log to <out>/<variant>.log."""
+    writes its entry to <out>/<variant>/result.json and its log to <out>/<variant>.log; `record` takes each
+    entry as it comes."""
 
     def work(name: str) -> dict:
         result_file = out / name / "result.json"
         result_file.unlink(missing_ok=True)
         command = [
             sys.executable, __file__, "--setting", setting_name, "--out", str(out), "--teacher", str(teacher_dir),
-            "--device", str(device), "--worker", name, "--init", inits[name],
+            "--device", str(device), "--worker", name,
         ]  # fmt: skip
         with open(out / f"{name}.log", "w") as log:
             finished = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False)
         if finished.returncode or not result_file.is_file():
             raise RuntimeError(f"Variant {name!r} failed (exit {finished.returncode}); see {out / name}.log.")
-        result = json.loads(result_file.read_text())
-        print(f"{name} recall by distance: {fmt(result['table'])}", flush=True)
-        return result
+        return json.loads(result_file.read_text())
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return dict(zip(inits, pool.map(work, inits), strict=True))
+        futures = {pool.submit(work, name): name for name in names}
+        for future in as_completed(futures):
+            result = future.result()
+            print(f"{futures[future]} recall by distance: {fmt(result['table'])}", flush=True)
+            record(futures[future], result)
 
 
 def winning_init(candidates: dict[str, dict]) -> str:
@@ -486,10 +493,12 @@ def markdown_table(report: dict, setting: Setting) -> str:
             f"{seconds:.0f} |"
         )
     env = report["environment"]
+    total = report["seconds"].get("total")
+    total = f"whole sweep {total:.0f} s" if total is not None else "partial: the sweep was still running"
     lines += [
         "",
         f"Command: `{env['command']}`; device: {env['device']}; torch {env['torch']}, transformers "
-        f"{env['transformers']}, fla {env['fla']}; {env['date']}; whole sweep {report['seconds']['total']:.0f} s.",
+        f"{env['transformers']}, fla {env['fla']}; {env['date']}; {total}.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -536,12 +545,11 @@ def main() -> None:
         "--jobs", type=int, default=1, help="variants trained at once, each in its own process"
     )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one variant, for --jobs
-    parser.add_argument("--init", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         setting, device = SETTINGS[args.setting], torch.device(args.device)
         teacher = load_teacher(args.teacher, setting).to(device)
-        result = run_variant(args.worker, args.init, teacher, setting, args.out, device)
+        result = run_variant(args.worker, teacher, setting, args.out, device)
         (args.out / args.worker).mkdir(parents=True, exist_ok=True)
         (args.out / args.worker / "result.json").write_text(json.dumps(result))
         return

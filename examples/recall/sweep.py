@@ -389,7 +389,7 @@ def run_variant(name: str, teacher: nn.Module, setting: Setting, out: Path, devi
     student = train_student(name, variant, init, teacher, setting, out, accelerator)
     result = evaluate(student, setting, device)
     distilled = variant.training == "distil"
-    label = variant.label + (f", {init} init" if variant.init is None and distilled else "")
+    label = variant.label + (f", {init} init" if distilled and "init" not in variant.label else "")
     print(f"{name} recall by distance: {fmt(result['table'])}", flush=True)
     return {
         "label": label,
@@ -509,7 +509,7 @@ def plot(report: dict, setting: Setting, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig, ax = plt.subplots(figsize=(13, 5))
     for name, model in report["models"].items():
         edges, values = model["plot_edges"], model["plot"]
         centres = [(lo + hi) / 2 / setting.window for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
@@ -523,7 +523,7 @@ def plot(report: dict, setting: Setting, path: Path) -> None:
     ax.set_ylabel("recall")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"MQAR recall by distance (W = {setting.window}, {setting.num_layers}-layer teacher)")
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -544,8 +544,17 @@ def main() -> None:
     parser.add_argument(
         "--jobs", type=int, default=1, help="variants trained at once, each in its own process"
     )
+    parser.add_argument(
+        "--replot", type=Path, default=None, help="redraw the table and plot of a report JSON"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one variant, for --jobs
     args = parser.parse_args()
+    if args.replot:
+        report = json.loads(args.replot.read_text())
+        setting = SETTINGS[report["setting"]]
+        args.replot.with_suffix(".md").write_text(markdown_table(report, setting))
+        plot(report, setting, args.replot.with_suffix(".png"))
+        return
     if args.worker:
         setting, device = SETTINGS[args.setting], torch.device(args.device)
         teacher = load_teacher(args.teacher, setting).to(device)

@@ -34,15 +34,10 @@ and lm_head weights over the device-to-device copy bandwidth measured at the sta
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
 import json
-import platform
-import shlex
 import statistics
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -56,7 +51,9 @@ from hybridize.inference.static_cache import StaticAttentionLayer, StaticHybridC
 from hybridize.mixers.cache import MixerCacheLayer
 from hybridize.presets import qwen2_5_vl_3b_config, tiny_qwen2_5_vl_config
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+from common import default_output, free, is_oom, redraw, report_header  # noqa: E402
+
 VARIANTS = (
     "stock_eager",
     "stock_static_graph",
@@ -170,12 +167,6 @@ def time_decode(step, clock: Clock, steps: int, repeats: int, warmup: int) -> di
     per_token = [1e3 * clock.time(run) / steps for _ in range(repeats)]
     median = statistics.median(per_token)
     return {"ms_per_token": median, "ms_per_token_runs": per_token, "steps": steps, "warmup_s": warmup_s}
-
-
-def free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def reset_peak(device: torch.device) -> None:
@@ -406,10 +397,6 @@ def time_prefill(args, model, context: int, device, decoder=None) -> dict:
     return {"seconds": seconds, "tokens_per_s": context / seconds, "peak_gib": peak_gib(device)}
 
 
-def is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
 def run_model(args, report: dict, hybrid: bool, device: torch.device, dtype: torch.dtype, save) -> None:
     name = "hybrid" if hybrid else "stock"
     model = build_model(args.config, hybrid, args.window, device, dtype)
@@ -554,16 +541,6 @@ def write_outputs(report: dict, out: Path) -> None:
     out.with_suffix(".md").write_text(markdown(report))
 
 
-def versions() -> dict:
-    found = {}
-    for package in ("torch", "transformers", "flash-linear-attention", "fla-core", "triton"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = None
-    return found
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="3b")
@@ -606,21 +583,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.plot_only is not None:
-        report = json.loads(args.plot_only.read_text())
-        args.plot_only.with_suffix(".md").write_text(markdown(report))
-        plot(report, args.plot_only.with_suffix(".png"))
+        redraw(args.plot_only, markdown, plot)
         return
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else device.type
-    out = args.out or RESULTS / f"decode_latency_{tag}{'_quick' if args.quick else ''}.json"
+    out = args.out or default_output("decode_latency", device, args.quick)
     report = {
-        "command": "python benchmarks/decode_latency.py "
-        + shlex.join(sys.argv[1:] if argv is None else argv),
-        "device": gpu,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "versions": versions(),
+        **report_header("decode_latency", argv, device),
         "config": args.config,
         "window": args.window,
         "dtype": str(dtype),

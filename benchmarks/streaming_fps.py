@@ -31,21 +31,15 @@ question (`--ask-tokens` greedy tokens on a branch of the state), timed.
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
 import json
-import platform
-import shlex
 import statistics
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-import hybridize
 from hybridize.converters import build_hybrid_config, hybrid_model_class, plan_layers
 from hybridize.converters.discovery import layer_specs
 from hybridize.inference.streaming import StreamingSession, cache_tensor_slots
@@ -56,7 +50,9 @@ from hybridize.presets import (
     tiny_qwen2_5_vl_processor,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+from common import default_output, free, is_oom, redraw, report_header  # noqa: E402
+
 VARIANTS = ("hybrid", "stock")
 TARGET_FPS = 60.0
 POOL = 8  # distinct random frames, cycled
@@ -94,10 +90,6 @@ def frame_pool(size: int, device: torch.device) -> list[torch.Tensor]:
         torch.randint(0, 256, (size, size, 3), dtype=torch.uint8, generator=generator) for _ in range(POOL)
     ]
     return [frame.pin_memory() for frame in frames] if device.type == "cuda" else frames
-
-
-def is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 def windows(count: int, every: int) -> list[tuple[int, int]]:
@@ -302,14 +294,8 @@ def check_one_shot(args, model, device: torch.device) -> dict:
         "state_rel_rms": errors,
     }
     del session, out
-    free(device)
+    free()
     return result
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run_variant(args, report: dict, variant: str, device: torch.device, dtype: torch.dtype, save) -> None:
@@ -335,7 +321,7 @@ def run_variant(args, report: dict, variant: str, device: torch.device, dtype: t
     save()
     print(markdown_variant(variant, result), flush=True)
     del session, model
-    free(device)
+    free()
 
 
 def markdown_variant(variant: str, result: dict) -> str:
@@ -439,16 +425,6 @@ def plot(report: dict, path: Path) -> bool:
     return True
 
 
-def versions() -> dict:
-    found = {"hybridize": hybridize.__version__}
-    for package in ("torch", "transformers", "flash-linear-attention", "fla-core", "triton"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = None
-    return found
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=("3b", "tiny"), default="3b")
@@ -495,20 +471,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.plot_only is not None:
-        report = json.loads(args.plot_only.read_text())
-        args.plot_only.with_suffix(".md").write_text(markdown(report))
-        plot(report, args.plot_only.with_suffix(".png"))
+        redraw(args.plot_only, markdown, plot)
         return
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    tag = "h100" if "H100" in gpu else "h200" if "H200" in gpu else device.type
-    out = args.out or RESULTS / f"streaming_fps_{tag}{'_quick' if args.quick else ''}.json"
+    out = args.out or default_output("streaming_fps", device, args.quick)
     report = {
-        "command": "python benchmarks/streaming_fps.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-        "device": gpu,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "versions": versions(),
+        **report_header("streaming_fps", argv, device),
         "config": args.config,
         "window": args.window,
         "frame_size": args.frame_size,

@@ -295,7 +295,8 @@ def question_schedule(asks: list[str], ats: list[str], duration: float) -> list[
 
 def run_stream(args: argparse.Namespace) -> None:
     from hybridize.converters.checkpoint import parse_dtype, read_plan
-    from hybridize.inference.streaming import import_av, video_duration
+    from hybridize.inference.chat import import_av
+    from hybridize.inference.streaming import video_duration
 
     try:
         import_av()

@@ -35,6 +35,17 @@ def load_image(path: str | Path) -> Image.Image:
     return Image.open(path).convert("RGB")
 
 
+def import_av():
+    """PyAV (the `video` extra), or an error that says how to install it."""
+    try:
+        import av
+    except ImportError:
+        raise ImportError(
+            "Videos are decoded with PyAV, which is not installed: pip install 'hybridize[video]' (or av)."
+        ) from None
+    return av
+
+
 @torch.inference_mode()
 def generate_reply(
     model,

@@ -49,6 +49,7 @@ from transformers.generation.logits_process import (
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from hybridize.converters.discovery import find_decoder_layout
+from hybridize.inference.chat import import_av
 from hybridize.mixers.base import TokenMixer
 from hybridize.mixers.sliding_window import SlidingWindowMixer
 
@@ -540,16 +541,6 @@ def load_static_cache(static, cache: DynamicCache) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- video
-
-
-def import_av():
-    try:
-        import av
-    except ImportError:
-        raise ImportError(
-            "Videos are decoded with PyAV, which is not installed: pip install 'hybridize[video]' (or av)."
-        ) from None
-    return av
 
 
 def video_duration(path) -> float:

@@ -36,6 +36,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, SequentialSampler
 from tqdm.auto import tqdm
 
+from hybridize.inference.chat import import_av
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -342,16 +344,6 @@ def image_size(path: Path) -> tuple[int, int]:
     return height, width
 
 
-def _import_av():
-    try:
-        import av
-    except ImportError:
-        raise ImportError(
-            "Videos are decoded with PyAV, which is not installed: pip install 'hybridize[video]' (or av)."
-        ) from None
-    return av
-
-
 @dataclass(frozen=True)
 class VideoPlan:
     """Which frames of a video to decode, read from the container header."""
@@ -364,7 +356,7 @@ class VideoPlan:
 
 def plan_video(path: Path, fps: float, max_frames: int, temporal_patch_size: int) -> VideoPlan:
     """Sample `fps` frames per second, at most `max_frames`, a multiple of `temporal_patch_size`."""
-    av = _import_av()
+    av = import_av()
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
@@ -391,7 +383,7 @@ def plan_video(path: Path, fps: float, max_frames: int, temporal_patch_size: int
 
 def decode_frames(path: Path, frame_indices: tuple[int, ...]) -> list[Image.Image]:
     """The frames at `frame_indices` as RGB images; indices past the decodable end repeat the last frame."""
-    av = _import_av()
+    av = import_av()
     wanted, frames = set(frame_indices), {}
     try:
         with av.open(str(path)) as container:

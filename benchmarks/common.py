@@ -1,0 +1,68 @@
+"""What the GPU benchmark scripts share: the report header (command, device, versions, date), results paths,
+redrawing a report's table and plot, and out-of-memory handling."""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import platform
+import shlex
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+import hybridize
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PACKAGES = ("torch", "transformers", "flash-linear-attention", "fla-core", "triton")
+
+
+def versions() -> dict:
+    found = {"hybridize": hybridize.__version__}
+    for package in PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+
+
+def default_output(script: str, device: torch.device, quick: bool) -> Path:
+    """benchmarks/results/<script>_<h100|h200|device type>[_quick].json"""
+    name = device_name(device)
+    tag = "h100" if "H100" in name else "h200" if "H200" in name else device.type
+    return RESULTS / f"{script}_{tag}{'_quick' if quick else ''}.json"
+
+
+def report_header(script: str, argv: list[str] | None, device: torch.device) -> dict:
+    """How a result was made: the command that reproduces it, the device, the software versions and the date."""
+    return {
+        "command": f"python benchmarks/{script}.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "device": device_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "versions": versions(),
+    }
+
+
+def redraw(report_path: Path, markdown, plot) -> None:
+    """Rewrite a saved report's markdown table and PNG plot beside it (`--plot-only`)."""
+    report = json.loads(report_path.read_text())
+    report_path.with_suffix(".md").write_text(markdown(report))
+    plot(report, report_path.with_suffix(".png"))
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--dtype", default=None)
     generate.add_argument("--device", default=None)
+    generate.add_argument(
+        "--static-decode",
+        action="store_true",
+        help="decode over a static hybrid cache, each step a replayed CUDA graph on a GPU (same tokens)",
+    )
 
     stream = verbs.add_parser(
         "stream",
@@ -260,7 +265,15 @@ def run_generate(args: argparse.Namespace) -> None:
     if processor is None:
         raise ValueError(f"{args.path!r} has no saved processor or tokenizer to turn the prompt into tokens.")
     model = load(args.path, dtype=args.dtype, device=args.device)
-    print(generate_reply(model, processor, args.prompt, images, max_new_tokens=args.max_new_tokens))
+    reply = generate_reply(
+        model,
+        processor,
+        args.prompt,
+        images,
+        max_new_tokens=args.max_new_tokens,
+        static_decode=args.static_decode,
+    )
+    print(reply)
 
 
 def parse_time(value: str) -> float:

@@ -51,6 +51,9 @@ def test_generate_with_an_image(converted, tmp_path, capsys):
         "4",
     ]
     assert main(args) == 0
+    reply = capsys.readouterr().out
+    assert main([*args, "--static-decode"]) == 0  # the static cache's decode gives generate()'s tokens
+    assert capsys.readouterr().out == reply
 
 
 def test_convert_with_attention_transfer_and_explicit_layers(tmp_path):

@@ -46,7 +46,7 @@ def import_av():
     return av
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate_reply(
     model,
     processor,
@@ -55,11 +55,19 @@ def generate_reply(
     *,
     max_new_tokens: int = 32,
     do_sample: bool = False,
+    static_decode: bool = False,
 ) -> str:
-    """Generate the model's answer to one prompt (greedy by default) and decode it."""
+    """Generate the model's answer to one prompt (greedy by default) and decode it. `static_decode`: over a
+    static hybrid cache with the decode step captured in a CUDA graph on CUDA (`inference.decode.generate_fast`),
+    the same tokens as generate()."""
     inputs = chat_inputs(processor, [prompt], [images or []])
     inputs = {key: value.to(model.device) for key, value in inputs.items()}
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample)
+    if static_decode:
+        from hybridize.inference.decode import generate_fast
+
+        output = generate_fast(model, **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample)
+    else:
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample)
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return processor.batch_decode(new_tokens, skip_special_tokens=True)[0]
 

@@ -13,7 +13,7 @@ RECALL = Path(__file__).resolve().parent.parent / "examples" / "recall"
 sys.path.insert(0, str(RECALL))
 
 from mqar import IGNORE, MQARBatches, MQARTask, accuracy_in_bins  # noqa: E402
-from sweep import SETTINGS, load_teacher, run_sweep, stack_layers, teacher_config  # noqa: E402
+from sweep import SETTINGS, VARIANTS, load_teacher, run_sweep, stack_layers, teacher_config  # noqa: E402
 
 SHIPPED_TEACHER = RECALL / "teachers" / "cpu"
 
@@ -75,6 +75,21 @@ def test_stacked_teacher_repeats_the_layers_in_order():
         ):
             assert torch.equal(p, q), (idx, name)
     assert torch.equal(stacked.lm_head.weight, model.lm_head.weight)
+
+
+def test_variant_plans_place_the_sliding_window_layers():
+    assert VARIANTS["ivl_mimic"].plan_arguments(8, 32) == {
+        "ratio": "1/4",
+        "window": 32,
+        "mixer": "gated_deltanet",
+    }
+    moved = VARIANTS["swa_on_lookup_layers"].plan_arguments(8, 32)
+    assert moved == {
+        "swa_layers": "1,5",
+        "window": 32,
+        "mixer": "gated_deltanet",
+    }  # the stacked teacher's lookups
+    assert VARIANTS["swa_on_lookup_layers"].plan_arguments(2, 8)["swa_layers"] == "1"
 
 
 def test_a_teacher_of_another_setting_is_refused(tmp_path):

@@ -65,6 +65,15 @@ class Variant:
     mixer: str = "gated_deltanet"
     init: str | None = None  # "mimic", "attention_transfer", or None: the mixer's own default
     training: str = "distil"  # "distil" (stages 1a + 1b), "sft" (the task's cross-entropy), "none"
+    swa_offset: int = 0  # the SWA layers are i % k == swa_offset for ratio 1/k (0: the recipe's placement)
+
+    def plan_arguments(self, num_layers: int, window: int) -> dict:
+        """`plan_layers` arguments: the ratio, or with an offset the same number of SWA layers moved along."""
+        if not self.swa_offset:
+            return {"ratio": self.ratio, "window": window, "mixer": self.mixer}
+        period = int(self.ratio.split("/")[1])
+        layers = ",".join(str(i) for i in range(num_layers) if i % period == self.swa_offset % period)
+        return {"swa_layers": layers, "window": window, "mixer": self.mixer}
 
 
 VARIANTS = {
@@ -80,6 +89,13 @@ VARIANTS = {
     "gla": Variant("1/4 SWA + GLA", "1/4", mixer="gla"),
     "ratio_1_8": Variant("1/8 SWA + Gated DeltaNet", "1/8", init="mimic"),
     "ratio_1_2": Variant("1/2 SWA + Gated DeltaNet", "1/2", init="mimic"),
+    # The stacked teacher looks keys up in its odd layers; this plan puts the SWA layers exactly there.
+    "swa_on_lookup_layers": Variant(
+        "1/4 SWA on the teacher's lookup layers (i % 4 == 1) + Gated DeltaNet",
+        "1/4",
+        init="attention_transfer",
+        swa_offset=1,
+    ),
 }
 INIT_CANDIDATES = {"ivl_mimic": "mimic", "ivl_transfer": "attention_transfer"}
 
@@ -101,7 +117,7 @@ class Setting:
     teacher_learning_rate: float
     stage_learning_rate: float
     eval_sequences: int
-    variants: tuple[str, ...] = field(default_factory=lambda: tuple(VARIANTS))
+    variants: tuple[str, ...] = field(default_factory=lambda: tuple(VARIANTS)[:-1])  # extras by --variants
 
 
 SETTINGS = {
@@ -245,7 +261,7 @@ def train_student(
     name: str, variant: Variant, init: str, teacher: nn.Module, setting: Setting, out: Path, accelerator: str
 ) -> nn.Module:
     """Convert the teacher by `variant`'s plan and train the student as the variant says; the trained hybrid."""
-    plan_arguments = {"ratio": variant.ratio, "window": setting.window, "mixer": variant.mixer}
+    plan_arguments = variant.plan_arguments(setting.num_layers, setting.window)
     options = {variant.mixer: {"init": init}} if variant.ratio != "1" else {}
     L.seed_everything(0, verbose=False)
     hybrid, _ = convert(

@@ -194,7 +194,7 @@ def stack_layers(model: LlamaForCausalLM, num_layers: int) -> LlamaForCausalLM:
     return stacked
 
 
-def trainer(setting: Setting, steps: int, out: Path, accelerator: str) -> L.Trainer:
+def trainer(steps: int, out: Path, accelerator: str) -> L.Trainer:
     return L.Trainer(
         max_steps=steps,
         accelerator=accelerator,
@@ -216,13 +216,13 @@ def batches(setting: Setting, steps: int, seed: int, curriculum: float = 0.0) ->
 def train_teacher(setting: Setting, out: Path, accelerator: str) -> LlamaForCausalLM:
     L.seed_everything(0, verbose=False)
     model = LlamaForCausalLM(teacher_config(setting, setting.seed_layers))
-    trainer(setting, setting.teacher_steps, out / "teacher_seed", accelerator).fit(
+    trainer(setting.teacher_steps, out / "teacher_seed", accelerator).fit(
         TaskTraining(model, setting.teacher_learning_rate),
         batches(setting, setting.teacher_steps, seed=1, curriculum=0.4),
     )
     if setting.num_layers != setting.seed_layers:
         model = stack_layers(model, setting.num_layers)
-        trainer(setting, setting.stack_steps, out / "teacher", accelerator).fit(
+        trainer(setting.stack_steps, out / "teacher", accelerator).fit(
             TaskTraining(model, setting.teacher_learning_rate / 3),
             batches(setting, setting.stack_steps, seed=2),
         )
@@ -281,12 +281,12 @@ def train_student(
             **stage_arguments(setting, plan_arguments),
             export_dir=str(run / "sft"),
         )
-        trainer(setting, steps, run / "sft", accelerator).fit(stage, batches(setting, steps, seed=3))
+        trainer(steps, run / "sft", accelerator).fit(stage, batches(setting, steps, seed=3))
         return load(run / "sft")
     layerwise = LayerwiseDistillation(
         hybrid, teacher=teacher, export_dir=str(run / "layerwise"), **stage_arguments(setting, plan_arguments)
     )
-    trainer(setting, setting.layerwise_steps, run / "layerwise", accelerator).fit(
+    trainer(setting.layerwise_steps, run / "layerwise", accelerator).fit(
         layerwise, batches(setting, setting.layerwise_steps, seed=3)
     )
     end_to_end = EndToEndDistillation(
@@ -295,7 +295,7 @@ def train_student(
         export_dir=str(run / "end_to_end"),
         **stage_arguments(setting, plan_arguments),
     )
-    trainer(setting, setting.end_to_end_steps, run / "end_to_end", accelerator).fit(
+    trainer(setting.end_to_end_steps, run / "end_to_end", accelerator).fit(
         end_to_end, batches(setting, setting.end_to_end_steps, seed=4)
     )
     return load(run / "end_to_end")

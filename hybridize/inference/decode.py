@@ -29,6 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from hybridize.converters.discovery import find_decoder_layout
+from hybridize.inference.fusion import fuse_projections
 from hybridize.inference.static_cache import FULL, SLIDING, StaticHybridCache
 from hybridize.mixers.base import TokenMixer
 from hybridize.mixers.ops.dtypes import compute_dtype
@@ -67,8 +68,15 @@ def grouped_decode_attention(
     scale = dim**-0.5 if scaling is None else scaling
     dtype = compute_dtype(query)
     # (B, Hq, 1, D) -> (B, Hkv, Hq/Hkv, D): query head h reads key/value head h // (Hq / Hkv)
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).to(dtype)
-    scores = torch.matmul(grouped, key.to(dtype).transpose(-1, -2)) * scale  # (B, Hkv, Hq/Hkv, S)
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and dtype == torch.float32:
+        # bf16 products with fp32 scores out, as flash attention computes them: no fp32 copy of the keys
+        scores = torch.bmm(
+            grouped.flatten(0, 1), key.flatten(0, 1).transpose(-1, -2), out_dtype=torch.float32
+        ).unflatten(0, (batch, kv_heads))
+    else:
+        scores = torch.matmul(grouped.to(dtype), key.to(dtype).transpose(-1, -2))
+    scores = scores * scale  # (B, Hkv, Hq/Hkv, S)
     if attention_mask is not None:
         scores = scores.masked_fill(~attention_mask, float("-inf"))
     probabilities = torch.softmax(scores, dim=-1).to(value.dtype)
@@ -118,6 +126,8 @@ class StaticDecoder:
     `cache.copy_from(saved)` it in (a branch of a stream: `saved = cache.clone()`, decode, copy back).
     compile: run the decode step's forward through `torch.compile` before the capture (fuses the small
     elementwise kernels between the matrix products; the first step compiles, ~30 s for Qwen2.5-VL-3B).
+    fuse: `hybridize.inference.fusion.fuse_projections(model)` first (sibling projections as one matrix product
+    under no_grad; the parameters become views of the fused weights, the model computes the same).
     """
 
     def __init__(
@@ -127,6 +137,7 @@ class StaticDecoder:
         *,
         cuda_graph: bool | None = None,
         compile: bool = False,
+        fuse: bool = True,
     ):
         layout = find_decoder_layout(model)
         self.text_config = layout.decoder.config
@@ -141,6 +152,8 @@ class StaticDecoder:
                 f"cuda_graph=True needs the model and cache on a CUDA device, not {cache.device}."
             )
         self.model, self.cache = model, cache
+        if fuse:
+            fuse_projections(model)
         self._decode_forward = torch.compile(model, dynamic=False) if compile else model
         self.cuda_graph = cache.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)

@@ -74,6 +74,10 @@ class TokenMixer(nn.Module):
     # A mixer that resets its state at the boundaries of packed sequences itself (reading `cu_seq_lens_q`)
     # says so here; otherwise `__call__` runs it once per packed sequence.
     supports_packing: ClassVar[bool] = False
+    # Linear layers (attribute paths) that each read the mixer's input hidden states, in the order
+    # `project_inputs` returns them. `hybridize.inference.fusion.fuse_projections` lays their weights out side by
+    # side in one matrix, so that inference computes them in one matrix product.
+    input_projections: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self, config: MixerConfig, spec: AttentionSpec, layer_idx: int, attention: nn.Module | None = None
@@ -156,6 +160,14 @@ class TokenMixer(nn.Module):
             hidden_states = hidden_states * valid[..., None].to(hidden_states.dtype)
         cache = mixer_cache_layer(past_key_values, self.layer_idx)
         return hidden_states, valid, cache, (cache.states if cache is not None else {})
+
+    def project_inputs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The `input_projections` of hidden_states: one matrix product when they are fused and autograd is off
+        (the fused weight is not what the optimiser updates), else one per layer."""
+        fused = getattr(self, "fused_input_projection", None)
+        if fused is not None and not torch.is_grad_enabled() and fused.current():
+            return fused(hidden_states)
+        return tuple(self.get_submodule(name)(hidden_states) for name in self.input_projections)
 
     @classmethod
     def configure_natively(cls, text_config: Any, layer_idx: int, config: MixerConfig) -> bool:

@@ -79,6 +79,7 @@ class GatedDeltaNetConfig(MixerConfig):
 class GatedDeltaNetMixer(TokenMixer):
     config_class = GatedDeltaNetConfig
     kernels = ("fla",)
+    input_projections = ("q_proj", "k_proj", "v_proj", "a_proj", "b_proj", "g_proj")
 
     def __init__(self, config: GatedDeltaNetConfig, spec: AttentionSpec, layer_idx: int, attention=None):
         super().__init__(config, spec, layer_idx)
@@ -174,18 +175,17 @@ class GatedDeltaNetMixer(TokenMixer):
             hidden_states, attention_mask, past_key_values
         )
 
-        q, conv_q = self.q_conv1d(self.q_proj(hidden_states), states.get("conv_q"))
-        k, conv_k = self.k_conv1d(self.k_proj(hidden_states), states.get("conv_k"))
-        v, conv_v = self.v_conv1d(self.v_proj(hidden_states), states.get("conv_v"))
+        q, k, v, a, b, gate = self.project_inputs(hidden_states)
+        q, conv_q = self.q_conv1d(q, states.get("conv_q"))
+        k, conv_k = self.k_conv1d(k, states.get("conv_k"))
+        v, conv_v = self.v_conv1d(v, states.get("conv_v"))
         # (B, T, H*D) -> (B, T, H, D)
         q = q.view(batch, length, self.num_heads, self.head_k_dim)
         k = k.view(batch, length, self.num_heads, self.head_k_dim)
         v = v.view(batch, length, self.num_heads, self.head_v_dim)
         dtype = compute_dtype(hidden_states)
-        beta = self.b_proj(hidden_states).to(dtype).sigmoid()
-        g = -self.A_log.to(dtype).exp() * F.softplus(
-            self.a_proj(hidden_states).to(dtype) + self.dt_bias.to(dtype)
-        )
+        beta = b.to(dtype).sigmoid()
+        g = -self.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + self.dt_bias.to(dtype))
         if valid is not None:
             beta, g = beta * valid[..., None], g * valid[..., None]
 
@@ -203,6 +203,6 @@ class GatedDeltaNetMixer(TokenMixer):
             cache.store(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v, recurrent=recurrent)
             cache.advance(length)
 
-        gate = self.g_proj(hidden_states).view(batch, length, self.num_heads, self.head_v_dim)
+        gate = gate.view(batch, length, self.num_heads, self.head_v_dim)
         out = self.o_norm(out, gate).reshape(batch, length, -1)
         return self.o_proj(out), None

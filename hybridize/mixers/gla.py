@@ -82,6 +82,7 @@ class GLAConfig(MixerConfig):
 class GLAMixer(TokenMixer):
     config_class = GLAConfig
     kernels = ("fla",)
+    input_projections = ("q_proj", "k_proj", "v_proj", "g_proj")
 
     def __init__(self, config: GLAConfig, spec: AttentionSpec, layer_idx: int, attention=None):
         super().__init__(config, spec, layer_idx)
@@ -156,7 +157,7 @@ class GLAMixer(TokenMixer):
             hidden_states, attention_mask, past_key_values
         )
 
-        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q, k, v, gate = self.project_inputs(hidden_states)
         if self.config.use_short_conv:
             q, conv_q = self.q_conv1d(q, states.get("conv_q"))
             k, conv_k = self.k_conv1d(k, states.get("conv_k"))
@@ -185,6 +186,6 @@ class GLAMixer(TokenMixer):
                 cache.store(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v)
             cache.advance(length)
 
-        gate = self.g_proj(hidden_states).view(batch, length, self.num_heads, self.head_v_dim)
+        gate = gate.view(batch, length, self.num_heads, self.head_v_dim)
         out = self.g_norm_swish_gate(out, gate).reshape(batch, length, -1)
         return self.o_proj(out), None

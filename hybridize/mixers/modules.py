@@ -24,9 +24,11 @@ class ShortConvolution(nn.Conv1d):
         if state is None:
             state = x.new_zeros(x.shape[0], x.shape[1], self.kernel_size[0] - 1)
         window = torch.cat([state.to(x.dtype), x], dim=-1)  # (B, D, kernel-1+T)
-        if x.device.type == "cpu":
-            # A depthwise causal conv is `taps` shifted multiply-adds; on CPU F.conv1d's depthwise path is two
-            # orders of magnitude slower than that in fp64 (the exactness tests' dtype). cuDNN is faster on GPU.
+        if x.device.type == "cpu" or torch.compiler.is_compiling():
+            # A depthwise causal conv is `taps` shifted multiply-adds. On CPU F.conv1d's depthwise path is two
+            # orders of magnitude slower than that in fp64 (the exactness tests' dtype); under torch.compile the
+            # multiply-adds fuse with the SiLU and the state shift (a decode step's conv is then no kernel of its
+            # own). Eager on GPU, cuDNN's one kernel is faster.
             length, taps = x.shape[-1], self.kernel_size[0]
             out = sum(window[..., j : j + length] * self.weight[:, 0, j, None] for j in range(taps))
             out = out if self.bias is None else out + self.bias[:, None]

@@ -1,0 +1,125 @@
+"""Linear layers that read the same input, computed as one matrix product at inference.
+
+At batch 1 a decode step is a chain of matrix-vector products, each reading its weight once: many small ones
+(a Gated DeltaNet layer has six input projections, two of them 16 rows tall) pay a kernel launch and a ragged
+tail each. `fuse_projections(model)` lays sibling weights out side by side in one tensor and makes each layer's
+parameter a view of its rows, so memory does not grow and the checkpoint names do not change; under
+`torch.no_grad()` the fused layers then run as one product:
+
+- every token mixer's `input_projections` (Gated DeltaNet: q, k, v, a, b, g; GLA: q, k, v, g), through
+  `TokenMixer.project_inputs`;
+- every gated MLP (`gate_proj`, `up_proj`, `down_proj`, `act_fn`, as in Llama, Qwen2 and Qwen2.5-VL): gate and
+  up in one product. Its forward is checked against the original on a random input before it is kept.
+
+With autograd on, every layer runs as before (gradients reach the parameters, not the fused tensor). The fused
+tensor shares the parameters' storage, so in-place updates (an optimiser step, `load_state_dict`) reach it; moving
+or casting the model afterwards (`.to()`) gives the parameters storage of their own: the layers then run apart
+again (eager), and `fuse_projections` fuses them anew.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybridize.mixers.base import TokenMixer
+
+MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+class FusedLinear:
+    """nn.Linear layers with one input, computed by one matrix product; each layer's weight (and bias) becomes a
+    view of its rows in the fused tensor. Calling it returns the layers' outputs in order."""
+
+    def __init__(self, linears: Sequence[nn.Linear]):
+        if not linears or not all(type(linear) is nn.Linear for linear in linears):
+            raise TypeError("FusedLinear fuses plain nn.Linear layers.")
+        first = linears[0].weight
+        if any(
+            linear.in_features != linears[0].in_features
+            or linear.weight.dtype != first.dtype
+            or linear.weight.device != first.device
+            or (linear.bias is None) != (linears[0].bias is None)
+            for linear in linears
+        ):
+            raise ValueError(
+                "Fused linear layers need one input size, dtype and device, and biases on all or none."
+            )
+        self.sizes = [linear.out_features for linear in linears]
+        self.linears = list(linears)
+        self.weight = self._share([linear.weight for linear in linears], linears, "weight")
+        self.bias = None
+        if linears[0].bias is not None:
+            self.bias = self._share([linear.bias for linear in linears], linears, "bias")
+        self.pointers = self._pointers()
+
+    def _pointers(self) -> list[int]:
+        return [linear.weight.data_ptr() for linear in self.linears]
+
+    def current(self) -> bool:
+        """Whether the layers' weights are still views of the fused tensor (`.to()` or assigning new data to a
+        parameter gives it storage of its own). Host-side pointer checks; under torch.compile they are not
+        traceable, and the caller that compiled just fused (see `StaticDecoder`)."""
+        return torch.compiler.is_compiling() or self._pointers() == self.pointers
+
+    def _share(self, parameters: list[nn.Parameter], linears: Sequence[nn.Linear], name: str) -> torch.Tensor:
+        fused = torch.cat([parameter.detach() for parameter in parameters])
+        for linear, parameter, rows in zip(linears, parameters, fused.split(self.sizes), strict=True):
+            setattr(linear, name, nn.Parameter(rows, requires_grad=parameter.requires_grad))
+        return fused
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() or not self.fused_gate_up.current():
+        return type(self).forward(self, x)
+    gate, up = self.fused_gate_up(x)
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+@torch.no_grad()
+def _fuse_mlp(mlp: nn.Module) -> bool:
+    """Fuse a gated MLP's gate and up projections when its forward is down(act(gate(x)) * up(x))."""
+    linears = [getattr(mlp, name, None) for name in MLP_PARTS]
+    if not all(type(linear) is nn.Linear for linear in linears):
+        return False
+    fused = vars(mlp).get("fused_gate_up")
+    if fused is not None and fused.current():
+        return False
+    if not callable(getattr(mlp, "act_fn", None)):
+        return False
+    weight = linears[0].weight
+    probe = torch.randn(2, linears[0].in_features, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(weight.device, weight.dtype)
+    expected = mlp(probe)
+    mlp.fused_gate_up = FusedLinear(linears[:2])
+    mlp.forward = types.MethodType(_fused_mlp_forward, mlp)
+    got = mlp(probe)
+    error = (got.float() - expected.float()).norm() / expected.float().norm().clamp(min=1e-12)
+    if error > 1e-2:  # another formula: keep the original forward (the parameters stay views, harmlessly)
+        del mlp.forward, mlp.fused_gate_up
+        return False
+    return True
+
+
+@torch.no_grad()
+def fuse_projections(model: nn.Module) -> dict[str, int]:
+    """Fuse every mixer's input projections and every gated MLP's gate/up projections of `model` (in place;
+    idempotent). Returns how many of each were fused."""
+    counts = {"mixers": 0, "mlps": 0}
+    for module in model.modules():
+        if isinstance(module, TokenMixer) and module.input_projections:
+            fused = vars(module).get("fused_input_projection")
+            if fused is None or not fused.current():
+                linears = [module.get_submodule(name) for name in module.input_projections]
+                module.fused_input_projection = FusedLinear(linears)
+                counts["mixers"] += 1
+        elif all(hasattr(module, name) for name in MLP_PARTS):
+            counts["mlps"] += _fuse_mlp(module)
+    return counts

@@ -1,0 +1,113 @@
+"""Fused sibling projections compute what the separate layers compute, share their storage, and step aside whenever
+they could be wrong (autograd on, parameters given new storage)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hybridize.converters import convert, plan_layers
+from hybridize.inference.fusion import FusedLinear, fuse_projections
+from hybridize.mixers.gated_deltanet import GatedDeltaNetMixer
+from hybridize.presets import tiny_model
+from tests.conftest import relative_rms
+
+
+@pytest.fixture(scope="module")
+def llama_hybrid():
+    """A tiny Llama with Gated DeltaNet, GLA and sliding-window layers, fp64."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    plan = plan_layers(3, "1/3", window=8, mixer="gated_deltanet,gla")
+    return convert(model, plan, progress=False)[0].double().eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_fused_model_computes_the_same(llama_hybrid):
+    model = copy.deepcopy(llama_hybrid)
+    ids = torch.randint(3, 200, (2, 11), generator=torch.Generator().manual_seed(0))
+    expected = logits(model, ids)
+    names = list(model.state_dict())
+    counts = fuse_projections(model)
+    assert counts == {"mixers": 2, "mlps": 3}
+    assert relative_rms(expected, logits(model, ids)) < 1e-12
+    assert list(model.state_dict()) == names  # checkpoint names unchanged
+    assert fuse_projections(model) == {"mixers": 0, "mlps": 0}  # idempotent
+
+
+def test_fused_projection_is_one_product_over_shared_storage(llama_hybrid):
+    model = copy.deepcopy(llama_hybrid)
+    fuse_projections(model)
+    mixer = next(m for m in model.modules() if isinstance(m, GatedDeltaNetMixer))
+    fused = mixer.fused_input_projection
+    assert fused.weight.shape[0] == sum(mixer.get_submodule(n).out_features for n in mixer.input_projections)
+    calls = []
+    for name in mixer.input_projections:
+        mixer.get_submodule(name).register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        mixer.k_proj.weight.mul_(
+            2.0
+        )  # in-place updates (optimiser steps, load_state_dict) reach the fused weight
+        hidden = torch.randn(1, 3, mixer.spec.hidden_size, dtype=torch.float64)
+        outputs = mixer.project_inputs(hidden)
+        assert not calls  # one fused product, no separate layer ran
+        assert torch.allclose(outputs[1], mixer.k_proj(hidden))
+    with torch.enable_grad():  # autograd on: the separate layers, so gradients reach the parameters
+        calls.clear()
+        mixer.project_inputs(hidden)[0].sum().backward()
+        assert len(calls) == len(mixer.input_projections)
+        assert mixer.q_proj.weight.grad is not None
+
+
+def test_new_storage_falls_back_and_fuses_again(llama_hybrid):
+    model = copy.deepcopy(llama_hybrid)
+    ids = torch.randint(3, 200, (1, 7), generator=torch.Generator().manual_seed(1))
+    fuse_projections(model)
+    model.float()  # the parameters get storage of their own; the fused tensors are stale fp64
+    mixer = next(m for m in model.modules() if isinstance(m, GatedDeltaNetMixer))
+    assert not mixer.fused_input_projection.current()
+    expected = logits(model, ids)  # runs (the layers apart) instead of mixing dtypes or stale weights
+    assert fuse_projections(model) == {"mixers": 2, "mlps": 3}
+    assert mixer.fused_input_projection.weight.dtype == torch.float32
+    assert relative_rms(expected, logits(model, ids)) < 1e-6
+
+
+def test_round_trip_after_fusing(llama_hybrid, tmp_path):
+    model = copy.deepcopy(llama_hybrid)
+    ids = torch.randint(3, 200, (1, 9), generator=torch.Generator().manual_seed(2))
+    fuse_projections(model)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert torch.equal(logits(loaded, ids), logits(llama_hybrid, ids))
+
+
+def test_mlp_of_another_formula_is_left_alone():
+    class SwappedMLP(nn.Module):  # down(act(up) * gate): the same parts, another formula
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = nn.Linear(8, 16, bias=False), nn.Linear(8, 16, bias=False)
+            self.down_proj, self.act_fn = nn.Linear(16, 8, bias=False), nn.SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+    mlp = SwappedMLP()
+    x = torch.randn(3, 8)
+    expected = mlp(x)
+    assert fuse_projections(mlp) == {"mixers": 0, "mlps": 0}
+    assert torch.equal(mlp(x), expected)
+
+
+def test_fused_linear_checks_its_layers():
+    with pytest.raises(ValueError, match="one input size"):
+        FusedLinear([nn.Linear(4, 2), nn.Linear(5, 2)])
+    with pytest.raises(ValueError, match="biases on all or none"):
+        FusedLinear([nn.Linear(4, 2), nn.Linear(4, 2, bias=False)])
+    with pytest.raises(TypeError, match="plain nn.Linear"):
+        FusedLinear([nn.Conv1d(4, 2, 1)])

@@ -28,6 +28,7 @@ fails falls back to eager with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -50,6 +51,8 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from hybridize.converters.discovery import find_decoder_layout
 from hybridize.inference.chat import import_av
+from hybridize.inference.fusion import fuse_projections
+from hybridize.inference.vision_attention import BlockDiagonalMasks, packed_attention_on
 from hybridize.mixers.base import TokenMixer
 from hybridize.mixers.sliding_window import SlidingWindowMixer
 
@@ -156,11 +159,25 @@ class FrameEncoder:
     frame of the configured size; other sizes are resized on the device first, bicubic), the ViT runs with its
     grid-dependent index tensors computed once, and the vision features are placed between the frame's
     <|vision_start|>/<|vision_end|> embeddings. `use_graph` replays all of it from a CUDA graph.
+
+    `packed_attention` (default on): a Qwen2.5-VL vision tower under SDPA runs each layer's attention as one
+    SDPA call with a block-diagonal mask (`hybridize.inference.vision_attention`), built once per frame size,
+    rather than one call per window; its config names the packed attention only while a frame is encoded.
+    Other attention implementations (a real flash one included) are left as they are.
     """
 
-    def __init__(self, model, processor, prompt: FramePrompt, size: tuple[int, int], use_graph: bool):
+    def __init__(
+        self,
+        model,
+        processor,
+        prompt: FramePrompt,
+        size: tuple[int, int],
+        use_graph: bool,
+        packed_attention: bool = True,
+    ):
         vision_config = model.config.vision_config
         image_processor = processor.image_processor
+        visual = model.model.visual
         self.model, self.size, self.use_graph = model, size, use_graph
         self.patch, self.merge = vision_config.patch_size, vision_config.spatial_merge_size
         self.temporal = vision_config.temporal_patch_size
@@ -173,7 +190,14 @@ class FrameEncoder:
                 for values in (image_processor.image_mean, image_processor.image_std)
             )
         self.grid_thw = torch.tensor([[1, size[0] // self.patch, size[1] // self.patch]], device=device)
-        self.vision_kwargs = vision_index_tensors(model.model.visual, self.grid_thw)
+        self.packed_attention = (
+            packed_attention and is_qwen2_5_vision(visual) and visual.config._attn_implementation == "sdpa"
+        )
+        self.vision_kwargs = vision_index_tensors(
+            visual, self.grid_thw, varlen=True if self.packed_attention else None
+        )
+        if self.packed_attention:
+            self.vision_kwargs["block_diagonal_masks"] = BlockDiagonalMasks()
         embeddings = model.get_input_embeddings()(prompt.frame_ids.to(device))  # (L, hidden)
         self.before = embeddings[: prompt.vision_tokens.start]
         self.after = embeddings[prompt.vision_tokens.stop :]
@@ -204,7 +228,9 @@ class FrameEncoder:
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         visual = self.model.model.visual
         rows = self.patches(pixels).to(visual.dtype)
-        features = visual(rows, grid_thw=self.grid_thw, **dict(self.vision_kwargs)).pooler_output
+        attention = packed_attention_on(visual.config) if self.packed_attention else contextlib.nullcontext()
+        with attention:
+            features = visual(rows, grid_thw=self.grid_thw, **self.vision_kwargs).pooler_output
         return torch.cat([self.before, features.to(self.before.dtype), self.after])[None]
 
     def __call__(self, frame) -> torch.Tensor:
@@ -228,14 +254,21 @@ class FrameEncoder:
         return self.output
 
 
-def vision_index_tensors(visual, grid_thw: torch.Tensor) -> dict[str, Any]:
+def is_qwen2_5_vision(visual) -> bool:
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    return isinstance(visual, Qwen2_5_VisionTransformerPretrainedModel)
+
+
+def vision_index_tensors(visual, grid_thw: torch.Tensor, varlen: bool | None = None) -> dict[str, Any]:
     """The ViT's grid-dependent index tensors, computed once for a fixed frame size.
 
     Qwen2.5-VL's vision tower accepts them precomputed (transformers.vision_utils); computed on every call they
-    need host syncs (`.tolist()`), which a CUDA graph cannot hold. Outside flash attention the ViT only splits
-    its sequence at the boundaries, so those stay on the CPU; other vision towers get none.
+    need host syncs (`.tolist()`), which a CUDA graph cannot hold. varlen: for the attention's varlen (flash)
+    branch, which reads the boundaries on the device and their largest segment as an int (default: when the
+    tower's attention implementation is a flash one). Otherwise the ViT only splits its sequence at the
+    boundaries, so those stay on the CPU. Other vision towers get none.
     """
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
     from transformers.utils.generic import is_flash_attention_requested
     from transformers.vision_utils import (
         get_vision_cu_seqlens,
@@ -243,7 +276,7 @@ def vision_index_tensors(visual, grid_thw: torch.Tensor) -> dict[str, Any]:
         get_vision_window_index,
     )
 
-    if not isinstance(visual, Qwen2_5_VisionTransformerPretrainedModel):
+    if not is_qwen2_5_vision(visual):
         return {}
     merge = visual.spatial_merge_size
     window_index, cu_window_seqlens = get_vision_window_index(
@@ -254,7 +287,9 @@ def vision_index_tensors(visual, grid_thw: torch.Tensor) -> dict[str, Any]:
     kwargs = dict(
         position_ids=get_vision_position_ids(grid_thw, merge), window_index=window_index.to(grid_thw.device)
     )
-    if is_flash_attention_requested(visual.config):
+    if varlen is None:
+        varlen = is_flash_attention_requested(visual.config)
+    if varlen:
         kwargs.update(
             cu_seqlens=cu_seqlens,
             cu_window_seqlens=cu_window_seqlens,
@@ -595,6 +630,8 @@ class StreamingSession:
     decode step a CUDA graph on CUDA) instead of a branch of the stream's DynamicCache (default: on CUDA, for
     models without growing layers and with SDPA or eager attention).
     allow_growing_cache: stream into a model with full-attention layers, whose cache grows with every frame.
+    fuse: `hybridize.inference.fusion.fuse_projections(model)` first (sibling projections of the mixers and the
+    gated MLPs, ViT included, as one matrix product each; the model computes the same).
     """
 
     @torch.no_grad()  # not inference mode: its tensors stay usable wherever the caller runs the encoder
@@ -608,6 +645,7 @@ class StreamingSession:
         cuda_graphs: bool | None = None,
         static_decode: bool | None = None,
         allow_growing_cache: bool = False,
+        fuse: bool = True,
     ):
         inner = getattr(model, "model", None)
         if not all(hasattr(inner, name) for name in ("visual", "get_rope_index")):
@@ -616,6 +654,8 @@ class StreamingSession:
                 f"`model.get_rope_index`); {type(model).__name__} has not."
             )
         self.model = model.eval()
+        if fuse:
+            fuse_projections(model)
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.growing = growing_layers(model)
         if self.growing and not allow_growing_cache:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 
 import numpy as np
 import pytest
@@ -13,12 +14,15 @@ from hybridize.cli import main
 from hybridize.converters import convert, plan_layers, save_hybrid
 from hybridize.inference import streaming
 from hybridize.inference.streaming import (
+    FrameEncoder,
     LayerSnapshot,
     StreamingSession,
+    build_frame_prompt,
     cache_tensor_slots,
     sample_video,
     video_duration,
 )
+from hybridize.inference.vision_attention import PACKED_ATTENTION
 
 QUESTION = "What changed?"
 
@@ -130,6 +134,72 @@ def test_pixels_match_the_image_processor(hybrid8, tiny_teacher):
         session.add_frame(np.zeros((84, 112), dtype=np.uint8))
     with pytest.raises(ValueError, match="multiples of 28"):
         StreamingSession(hybrid8, processor, frame_size=100)
+
+
+def frame_encoders(model, processor, size: tuple[int, int]) -> tuple[FrameEncoder, FrameEncoder]:
+    """(packed, split) encoders of one model and frame size, without CUDA graphs."""
+    grid_thw = torch.tensor([[1, size[0] // 14, size[1] // 14]])
+    prompt = build_frame_prompt(model, processor, grid_thw, None)
+    return tuple(
+        FrameEncoder(model, processor, prompt, size, use_graph=False, packed_attention=packed)
+        for packed in (True, False)
+    )
+
+
+@pytest.mark.parametrize("model_name", ["tiny_hybrid", "hybrid8"])  # fp32, fp64
+def test_packed_vision_attention_equals_the_split_per_window(request, tiny_teacher, model_name):
+    model, processor = request.getfixturevalue(model_name), tiny_teacher[1]
+    size = (84, 112)  # windows of 16, 16, 8 and 8 patches, then one full-attention layer
+    packed, split = frame_encoders(model, processor, size)
+    assert packed.packed_attention and not split.packed_attention
+    visual = model.model.visual
+    seen = []
+    hook = visual.blocks[0].attn.register_forward_pre_hook(
+        lambda module, args: seen.append(module.config._attn_implementation)
+    )
+    frame = frames(1, size)[0]
+    try:
+        with torch.no_grad():
+            embeds, reference = packed(frame), split(frame)
+            rows = packed.patches(packed.prepare(frame)).to(visual.dtype)
+            stock = visual(rows, grid_thw=packed.grid_thw).pooler_output  # split per window by transformers
+    finally:
+        hook.remove()
+    assert seen == [PACKED_ATTENTION, "sdpa", "sdpa"] and visual.config._attn_implementation == "sdpa"
+    masks = packed.vision_kwargs["block_diagonal_masks"].entries
+    assert len(masks) == 2  # windowed and full layers, each mask built once
+    torch.testing.assert_close(embeds, reference)
+    vision = embeds[0, len(packed.before) : len(packed.before) + len(stock)]
+    torch.testing.assert_close(vision, stock.to(embeds.dtype))
+
+
+def test_packed_vision_attention_is_undone_when_encoding_fails(tiny_hybrid, tiny_teacher):
+    visual = tiny_hybrid.model.visual
+    packed, _ = frame_encoders(tiny_hybrid, tiny_teacher[1], (56, 56))
+
+    def fail(module, args):
+        assert module.attn.config._attn_implementation == PACKED_ATTENTION
+        raise RuntimeError("vision block failed")
+
+    hook = visual.blocks[-1].register_forward_pre_hook(fail)
+    try:
+        with pytest.raises(RuntimeError, match="vision block failed"), torch.no_grad():
+            packed(frames(1)[0])
+    finally:
+        hook.remove()
+    assert visual.config._attn_implementation == "sdpa"
+    assert tiny_hybrid.config.get_text_config(decoder=True)._attn_implementation == "sdpa"
+
+
+def test_flash_vision_attention_is_left_alone(tiny_hybrid, tiny_teacher):
+    config = tiny_hybrid.model.visual.config
+    config._attn_implementation = "flash_attention_2"
+    try:
+        encoder, _ = frame_encoders(tiny_hybrid, tiny_teacher[1], (56, 56))
+    finally:
+        config._attn_implementation = "sdpa"
+    assert not encoder.packed_attention and "block_diagonal_masks" not in encoder.vision_kwargs
+    assert encoder.vision_kwargs["max_window_seqlen"] == 16
 
 
 def test_ask_leaves_the_stream_untouched_and_answers_like_generate(hybrid64, tiny_teacher):
@@ -267,6 +337,7 @@ def test_cuda_graphs_equal_eager(tiny_hybrid, tiny_teacher):
     for index, frame in enumerate(stream, start=1):
         graphed.add_frame(frame)
         eager.add_frame(frame)
+        gc.collect()  # live tensors only: garbage waiting for the cycle collector is not stream state
         memory[index] = torch.cuda.memory_allocated()
         if index in (3, 20, 40):
             torch.testing.assert_close(

@@ -111,3 +111,22 @@ def test_fused_linear_checks_its_layers():
         FusedLinear([nn.Linear(4, 2), nn.Linear(4, 2, bias=False)])
     with pytest.raises(TypeError, match="plain nn.Linear"):
         FusedLinear([nn.Conv1d(4, 2, 1)])
+
+
+def test_misaligned_down_projection_runs_padded():
+    """A down projection of 13 inputs (Qwen2.5-VL's ViT: 3420) runs over operands zero-padded to 16 columns; the
+    layer's weight is a view of the padded weight and the MLP computes the same."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from hybridize.presets import TINY_CONFIGS
+
+    config = TINY_CONFIGS["llama"](num_hidden_layers=1)
+    config.intermediate_size = 13
+    mlp = LlamaMLP(config).double().eval()
+    x = torch.randn(2, 5, config.hidden_size, dtype=torch.float64)
+    expected = mlp(x)
+    assert fuse_projections(mlp) == {"mixers": 0, "mlps": 1}
+    aligned = mlp.aligned_down_proj
+    assert aligned.weight.shape[1] == 16 and mlp.down_proj.weight.data_ptr() == aligned.weight.data_ptr()
+    with torch.no_grad():
+        assert relative_rms(expected, mlp(x)) < 1e-12

@@ -148,8 +148,8 @@ def fla_fused_recurrent_gated_delta_rule(
 
 @fla_fused_recurrent_gated_delta_rule.register_fake
 def _(q, k, v, g, beta, scale, initial_state, use_qk_l2norm):
-    batch, _, heads, value_dim = v.shape
-    return torch.empty_like(v), v.new_empty(batch, heads, k.shape[-1], value_dim, dtype=torch.float32)
+    batch, _, heads, value_dim = v.shape  # fla returns a new contiguous output, whatever v's strides
+    return v.new_empty(v.shape), v.new_empty(batch, heads, k.shape[-1], value_dim, dtype=torch.float32)
 
 
 def gated_delta_rule(

@@ -164,6 +164,7 @@ class FrameEncoder:
     SDPA call with a block-diagonal mask (`hybridize.inference.vision_attention`), built once per frame size,
     rather than one call per window; its config names the packed attention only while a frame is encoded.
     Other attention implementations (a real flash one included) are left as they are.
+    `compile`: each vision block through torch.compile (fuses the norms, rotary and MLP elementwise kernels).
     """
 
     def __init__(
@@ -174,6 +175,7 @@ class FrameEncoder:
         size: tuple[int, int],
         use_graph: bool,
         packed_attention: bool = True,
+        compile: bool = False,
     ):
         vision_config = model.config.vision_config
         image_processor = processor.image_processor
@@ -198,6 +200,9 @@ class FrameEncoder:
         )
         if self.packed_attention:
             self.vision_kwargs["block_diagonal_masks"] = BlockDiagonalMasks()
+        if compile and hasattr(visual, "blocks"):
+            for block in visual.blocks:  # one shape per frame size; the blocks share their compiled graph
+                block.compile(dynamic=False)
         embeddings = model.get_input_embeddings()(prompt.frame_ids.to(device))  # (L, hidden)
         self.before = embeddings[: prompt.vision_tokens.start]
         self.after = embeddings[prompt.vision_tokens.stop :]
@@ -461,8 +466,13 @@ class CapturedPrefill:
     chunk to the next (`cache_shapes`); anything else raises before the state is touched.
     """
 
-    def __init__(self, state: StreamState, embeds: torch.Tensor, positions: torch.Tensor):
+    def __init__(
+        self, state: StreamState, embeds: torch.Tensor, positions: torch.Tensor, compile: bool = False
+    ):
         self.state = state
+        # compile: the captured forward through torch.compile for this chunk's shapes (it fuses the small
+        # kernels between the matrix products and the mixers' kernels); it is traced on the warm-up runs.
+        self.forward = torch.compile(StreamState.forward, dynamic=False) if compile else StreamState.forward
         cache = state.cache
         self.slots = []
         for container, key, tensor in cache_tensor_slots(cache):
@@ -471,11 +481,21 @@ class CapturedPrefill:
         self.embeds, self.positions = embeds.clone(), positions.clone()
         snapshots = [LayerSnapshot(layer) for layer in cache.layers]
         shapes, before = cache_shapes(cache), counters(cache)
-        warmup_state = state.branch()  # warm-up forwards must not advance the stream
+        if compile:
+            # The compiled forward is traced for this state object (its guards): warm it up on the stream's own
+            # state, then put the state back (a forward writes into no cache tensor, it rebinds them).
+            def warmup():
+                self.forward(state, self.embeds, self.positions)
+                for snapshot in snapshots:
+                    snapshot.restore()
+        else:
+            warmup_state = state.branch()  # warm-up forwards must not advance the stream
+
+            def warmup():
+                self.forward(warmup_state, self.embeds, self.positions)
+
         try:
-            self.graph, self.hidden = capture_cuda_graph(
-                self.step, warmup=lambda: warmup_state.forward(self.embeds, self.positions)
-            )
+            self.graph, self.hidden = capture_cuda_graph(self.step, warmup=warmup)
             after = counters(cache)
             unchanged = len(cache.layers) == len(snapshots) and cache_shapes(cache) == shapes
             held = cache_tensor_slots(cache)
@@ -490,7 +510,7 @@ class CapturedPrefill:
         self.deltas = [{key: a[key] - b[key] for key in b} for a, b in zip(after, before, strict=True)]
 
     def step(self) -> torch.Tensor:
-        hidden = self.state.forward(self.embeds, self.positions)
+        hidden = self.forward(self.state, self.embeds, self.positions)
         for container, key, buffer in self.slots:
             buffer.copy_(container[key])
             container[key] = buffer
@@ -630,6 +650,8 @@ class StreamingSession:
     decode step a CUDA graph on CUDA) instead of a branch of the stream's DynamicCache (default: on CUDA, for
     models without growing layers and with SDPA or eager attention).
     allow_growing_cache: stream into a model with full-attention layers, whose cache grows with every frame.
+    compile: torch.compile the vision blocks and the captured per-frame prefill (CUDA graphs only; the first
+    frames compile, about a minute for Qwen2.5-VL-3B).
     fuse: `hybridize.inference.fusion.fuse_projections(model)` first (sibling projections of the mixers and the
     gated MLPs, ViT included, as one matrix product each; the model computes the same).
     """
@@ -646,6 +668,7 @@ class StreamingSession:
         static_decode: bool | None = None,
         allow_growing_cache: bool = False,
         fuse: bool = True,
+        compile: bool = False,
     ):
         inner = getattr(model, "model", None)
         if not all(hasattr(inner, name) for name in ("visual", "get_rope_index")):
@@ -676,7 +699,14 @@ class StreamingSession:
         if cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {device}.")
         self.cuda_graphs = cuda_graphs
-        self.encoder = FrameEncoder(model, processor, self.prompt, self.frame_size, use_graph=cuda_graphs)
+        if compile and not cuda_graphs:
+            raise ValueError(
+                "compile=True compiles the CUDA-graph-captured steps; it needs cuda_graphs=True."
+            )
+        self.compile = compile
+        self.encoder = FrameEncoder(
+            model, processor, self.prompt, self.frame_size, use_graph=cuda_graphs, compile=compile
+        )
         if static_decode is None:
             implementation = model.config.get_text_config(decoder=True)._attn_implementation
             static_decode = device.type == "cuda" and not self.growing and implementation in ("sdpa", "eager")
@@ -716,7 +746,7 @@ class StreamingSession:
         positions = self.frame_positions + self.state.position
         if self.prefill_graph is None and self.capture_prefill and self.steady:
             try:
-                self.prefill_graph = CapturedPrefill(self.state, embeds, positions)
+                self.prefill_graph = CapturedPrefill(self.state, embeds, positions, compile=self.compile)
             except Exception as error:  # a capture can fail in many ways; eager always works
                 warnings.warn(
                     f"CUDA graph capture of the frame prefill failed ({error}); running it eagerly.",

@@ -241,6 +241,8 @@ def test_static_decode_answers_like_the_dynamic_branch(hybrid64, tiny_teacher):
     assert_same_states(static.state.cache, dynamic.state.cache, exact=True)
     with pytest.raises(ValueError, match="static_decode"):
         StreamingSession(tiny_teacher[0], processor, static_decode=True, allow_growing_cache=True)
+    with pytest.raises(ValueError, match="needs cuda_graphs=True"):
+        StreamingSession(hybrid64, processor, cuda_graphs=False, compile=True)
 
 
 def test_sampled_answers_stay_within_max_new_tokens(hybrid8, tiny_teacher):

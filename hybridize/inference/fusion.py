@@ -32,7 +32,24 @@ from hybridize.mixers.base import TokenMixer
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 
 
-class FusedLinear:
+class _WeightViews:
+    """Linear layers whose weights were made views of a tensor this object owns."""
+
+    def _remember(self, linears: Sequence[nn.Linear]) -> None:
+        self.linears = list(linears)
+        self.pointers = self._pointers()
+
+    def _pointers(self) -> list[int]:
+        return [linear.weight.data_ptr() for linear in self.linears]
+
+    def current(self) -> bool:
+        """Whether the layers' weights are still views of the owned tensor (`.to()` or assigning new data to a
+        parameter gives it storage of its own). Host-side pointer checks; under torch.compile they are not
+        traceable, and the caller that compiled just fused (see `StaticDecoder`)."""
+        return torch.compiler.is_compiling() or self._pointers() == self.pointers
+
+
+class FusedLinear(_WeightViews):
     """nn.Linear layers with one input, computed by one matrix product; each layer's weight (and bias) becomes a
     view of its rows in the fused tensor. Calling it returns the layers' outputs in order."""
 
@@ -51,21 +68,11 @@ class FusedLinear:
                 "Fused linear layers need one input size, dtype and device, and biases on all or none."
             )
         self.sizes = [linear.out_features for linear in linears]
-        self.linears = list(linears)
         self.weight = self._share([linear.weight for linear in linears], linears, "weight")
         self.bias = None
         if linears[0].bias is not None:
             self.bias = self._share([linear.bias for linear in linears], linears, "bias")
-        self.pointers = self._pointers()
-
-    def _pointers(self) -> list[int]:
-        return [linear.weight.data_ptr() for linear in self.linears]
-
-    def current(self) -> bool:
-        """Whether the layers' weights are still views of the fused tensor (`.to()` or assigning new data to a
-        parameter gives it storage of its own). Host-side pointer checks; under torch.compile they are not
-        traceable, and the caller that compiled just fused (see `StaticDecoder`)."""
-        return torch.compiler.is_compiling() or self._pointers() == self.pointers
+        self._remember(linears)
 
     def _share(self, parameters: list[nn.Parameter], linears: Sequence[nn.Linear], name: str) -> torch.Tensor:
         fused = torch.cat([parameter.detach() for parameter in parameters])
@@ -77,14 +84,13 @@ class FusedLinear:
         return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
-class AlignedLinear:
+class AlignedLinear(_WeightViews):
     """An nn.Linear whose input size is not a multiple of 8 (Qwen2.5-VL's ViT MLP: 3420), computed over a
     zero-padded input and weight: cuBLAS then takes its 16-byte-aligned kernels (on an H100 the ViT's down
     projection ran a 2-element-aligned one at a third of the speed). The layer's weight becomes a view of the
     padded one; the zeros add nothing to the products."""
 
     def __init__(self, linear: nn.Linear, multiple: int = 8):
-        self.linear = linear
         self.pad = -linear.in_features % multiple
         weight = linear.weight.detach()
         self.weight = weight.new_zeros(weight.shape[0], weight.shape[1] + self.pad)
@@ -92,13 +98,10 @@ class AlignedLinear:
         linear.weight = nn.Parameter(
             self.weight[:, : weight.shape[1]], requires_grad=linear.weight.requires_grad
         )
-        self.pointer = linear.weight.data_ptr()
-
-    def current(self) -> bool:
-        return torch.compiler.is_compiling() or self.linear.weight.data_ptr() == self.pointer
+        self._remember([linear])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.pad(x, (0, self.pad)), self.weight, self.linear.bias)
+        return F.linear(F.pad(x, (0, self.pad)), self.weight, self.linears[0].bias)
 
 
 def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -651,7 +651,7 @@ class StreamingSession:
     models without growing layers and with SDPA or eager attention).
     allow_growing_cache: stream into a model with full-attention layers, whose cache grows with every frame.
     compile: torch.compile the vision blocks and the captured per-frame prefill (CUDA graphs only; the first
-    frames compile, about a minute for Qwen2.5-VL-3B).
+    frames compile, about a minute for Qwen2.5-VL-3B). The model's vision blocks stay compiled after the session.
     fuse: `hybridize.inference.fusion.fuse_projections(model)` first (sibling projections of the mixers and the
     gated MLPs, ViT included, as one matrix product each; the model computes the same).
     """
@@ -677,8 +677,6 @@ class StreamingSession:
                 f"`model.get_rope_index`); {type(model).__name__} has not."
             )
         self.model = model.eval()
-        if fuse:
-            fuse_projections(model)
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.growing = growing_layers(model)
         if self.growing and not allow_growing_cache:
@@ -717,6 +715,8 @@ class StreamingSession:
         self.static_decode = static_decode
         self.static_answers: StaticAnswers | None = None  # built by the first question
         self.frame_positions = self.prompt.frame_positions.to(device)[:, None]  # (3, 1, L)
+        if fuse:  # after every input check: it rewrites the model's parameters as views
+            fuse_projections(model)
         self.reset()
 
     @property

@@ -132,3 +132,26 @@ def test_dispatcher_normalises_and_picks_modes():
         gated_delta_rule(q, k, v, g, beta, mode="parallel")
     with pytest.raises(RuntimeError, match="hybridize\\[cuda\\]"):
         gated_delta_rule(q, k, v, g, beta, backend="fla")
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and importlib.util.find_spec("fla")), reason="fla's kernels need CUDA"
+)
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+def test_fla_kernels_without_gradients_compile_whole_and_match_the_reference(mode):
+    """Inference calls go through custom operators: torch.compile keeps them in one graph (fla's own entry
+    points are `torch.compiler.disable`d), with fla's forward tolerances against the fp32 reference."""
+    q, k, v, g, beta, state = (t.cuda() for t in random_inputs(2, 300 if mode == "chunk" else 1, 4, 64, 64))
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+
+    def run(q, k, v, g, beta, state, backend):
+        out, final = gated_delta_rule(
+            q, k, v, g, beta, initial_state=state, output_final_state=True, backend=backend, mode=mode
+        )
+        return out * 2, final
+
+    with torch.no_grad():
+        expected, expected_state = run(q.float(), k.float(), v.float(), g, beta, state, "torch")
+        compiled = torch.compile(run, fullgraph=True, backend="aot_eager")  # fails on a graph break
+        for out, final in (run(q, k, v, g, beta, state, "fla"), compiled(q, k, v, g, beta, state, "fla")):
+            assert relative_rms(expected, out) < 0.005 and relative_rms(expected_state, final) < 0.005

@@ -152,6 +152,41 @@ def _(q, k, v, g, beta, scale, initial_state, use_qk_l2norm):
     return v.new_empty(v.shape), v.new_empty(batch, heads, k.shape[-1], value_dim, dtype=torch.float32)
 
 
+@torch.library.custom_op("hybridize::fla_chunk_gated_delta_rule", mutates_args=())
+def fla_chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    use_qk_l2norm: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fla's chunked kernels (prefill) without autograd, as an operator torch.compile keeps whole: fla marks its
+    entry point `torch.compiler.disable`, which breaks a compiled model's graph at every layer. Returns the
+    output and the fp32 final state (B, H, K, V)."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    return chunk_gated_delta_rule(
+        q=q,
+        k=k,
+        v=v,
+        g=g,
+        beta=beta,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=use_qk_l2norm,
+    )
+
+
+@fla_chunk_gated_delta_rule.register_fake
+def _(q, k, v, g, beta, scale, initial_state, use_qk_l2norm):
+    batch, _, heads, value_dim = v.shape
+    return q.new_empty(v.shape), v.new_empty(batch, heads, k.shape[-1], value_dim, dtype=torch.float32)
+
+
 def gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -178,8 +213,11 @@ def gated_delta_rule(
     if initial_state is not None:
         initial_state = initial_state.to(compute_dtype(v))
 
-    if backend == "fla" and mode == "recurrent":
-        out, state = fla_fused_recurrent_gated_delta_rule(
+    tensors = (q, k, v, g, beta, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+    if backend == "fla" and (mode == "recurrent" or not needs_grad):
+        kernel = fla_fused_recurrent_gated_delta_rule if mode == "recurrent" else fla_chunk_gated_delta_rule
+        out, state = kernel(
             q,
             k,
             v,

@@ -14,16 +14,19 @@ whole sequence: the vision tokens share one temporal index, height/width indices
 next token starts after the largest (18 positions per 448x448 frame). Temporal indices thus increase frame by
 frame. A question's branch is dropped after the answer: answers never enter the stream's context.
 
-Memory: native sliding-window layers keep `window - 1` keys/values (`DynamicSlidingWindowLayer`), linear
-mixers a fixed state (`MixerCacheLayer`); the session itself keeps ints and the last hidden state. Full
-attention layers (and the sliding-window *mixer*, whose mask spans every past token) grow with the stream;
-a model with any is refused unless `allow_growing_cache=True`.
+Memory: native sliding-window layers keep `window - 1` keys/values, allocated in full when the stream starts
+(`hybridize.inference.window_attention.FixedWindowLayer`, under SDPA or eager attention; the cache's
+`DynamicSlidingWindowLayer`, which grows until the window is full, under other implementations), linear mixers
+a fixed state (`MixerCacheLayer`); the session itself keeps ints and the last hidden state. Full attention
+layers (and the sliding-window *mixer*, whose mask spans every past token) grow with the stream; a model with
+any is refused unless `allow_growing_cache=True`.
 
 CUDA graphs (`cuda_graphs=True`, the default on CUDA): the frame encoder (pixels -> ViT -> token embeddings)
-is captured on the first frame, and the per-frame prefill once the cache has stopped changing shape (the
-sliding window is full). The prefill graph reads and writes the cache's own tensors: before capture they are
-replaced by fixed buffers, and the captured step copies each new state back into its buffer. A capture that
-fails falls back to eager with a warning.
+is captured on the first frame, and the per-frame prefill once the cache has stopped changing shape: at the
+second frame with fixed windows (a graph for the window filling and one for the full window, both captured
+then), else once the sliding window is full. The prefill graph reads and writes the cache's own tensors:
+before capture they are replaced by fixed buffers, and the captured step copies each new state back into its
+buffer. A capture that fails falls back to eager with a warning.
 """
 
 from __future__ import annotations
@@ -51,8 +54,10 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from hybridize.converters.discovery import find_decoder_layout
 from hybridize.inference.chat import import_av
+from hybridize.inference.flash import attention_implementation, flash_kernel_usable
 from hybridize.inference.fusion import fuse_projections
 from hybridize.inference.vision_attention import BlockDiagonalMasks, packed_attention_on
+from hybridize.inference.window_attention import WINDOW_ATTENTION, FixedWindowLayer, WindowKeys
 from hybridize.mixers.base import TokenMixer
 from hybridize.mixers.sliding_window import SlidingWindowMixer
 
@@ -161,8 +166,9 @@ class FrameEncoder:
     <|vision_start|>/<|vision_end|> embeddings. `use_graph` replays all of it from a CUDA graph.
 
     `packed_attention` (default on): a Qwen2.5-VL vision tower under SDPA runs each layer's attention as one
-    SDPA call with a block-diagonal mask (`hybridize.inference.vision_attention`), built once per frame size,
-    rather than one call per window; its config names the packed attention only while a frame is encoded.
+    call over all windows (`hybridize.inference.vision_attention`): PyTorch's varlen flash kernel where it runs,
+    else SDPA with a block-diagonal mask built once per frame size, rather than one call per window; its config
+    names the packed attention only while a frame is encoded.
     Other attention implementations (a real flash one included) are left as they are.
     `compile`: each vision block through torch.compile (fuses the norms, rotary and MLP elementwise kernels).
     """
@@ -199,7 +205,9 @@ class FrameEncoder:
             visual, self.grid_thw, varlen=True if self.packed_attention else None
         )
         if self.packed_attention:
-            self.vision_kwargs["block_diagonal_masks"] = BlockDiagonalMasks()
+            head_dim = vision_config.hidden_size // vision_config.num_heads
+            flash = flash_kernel_usable(device, visual.dtype, head_dim)
+            self.vision_kwargs["block_diagonal_masks"] = BlockDiagonalMasks(flash=flash)
         if compile and hasattr(visual, "blocks"):
             for block in visual.blocks:  # one shape per frame size; the blocks share their compiled graph
                 block.compile(dynamic=False)
@@ -333,24 +341,60 @@ class StreamState:
     What a session asks of it: `prefill` a chunk of embeddings, `branch` an independent copy for a question,
     `decode` one token on that copy. On CUDA the per-frame prefill is replayed by `CapturedPrefill` over the
     same cache, and answers are decoded over a static cache (`StaticAnswers`) loaded from it.
+
+    window_cache: the sliding-window layers keep their keys in a `FixedWindowLayer` (allocated here, the same
+    shapes at every frame) and attend through `window_attention` (PyTorch's flash kernel with its window on
+    CUDA); for models with sliding-window and linear layers only, under SDPA or eager attention. Otherwise the
+    cache's own `DynamicSlidingWindowLayer`, which grows until the window is full, and the model's masks.
     """
 
-    def __init__(self, model, full_attention_mask: bool):
+    def __init__(self, model, full_attention_mask: bool, window_cache: bool = False):
         self.model = model
         self.decoder = find_decoder_layout(model).decoder
         self.text_config = model.config.get_text_config(decoder=True)
-        self.layer_types = sorted(set(getattr(self.text_config, "layer_types", None) or ["full_attention"]))
+        layer_types = getattr(self.text_config, "layer_types", None) or ["full_attention"]
+        self.layer_types = sorted(set(layer_types))
         self.full_attention_mask = full_attention_mask
         self.cache = DynamicCache(config=self.text_config)
+        self.window_index: int | None = None  # one of the fixed windows: they all hold the same tokens
+        self.flash = False
+        if window_cache:
+            config = self.text_config
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            shape = dict(batch_size=1, num_heads=config.num_key_value_heads, head_dim=head_dim)
+            for idx, layer_type in enumerate(layer_types):
+                if layer_type == "sliding_attention":
+                    self.cache.layers[idx] = FixedWindowLayer(
+                        config.sliding_window, **shape, dtype=model.dtype, device=model.device
+                    )
+                    self.window_index = idx
+            self.flash = flash_kernel_usable(model.device, model.dtype, head_dim)
         self.position = 0  # next M-RoPE position
         self.last_hidden: torch.Tensor | None = None  # (1, hidden) final-norm hidden state of the last token
 
-    def masks(self, embeds: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """Masks by layer type, built once per chunk. Without attention layers that need one, the
-        full-attention mask is left out: its size grows with every token seen, and linear mixers read it only
-        for padding, which a stream does not have."""
+    @property
+    def window_layer(self) -> FixedWindowLayer | None:
+        return None if self.window_index is None else self.cache.layers[self.window_index]
+
+    def window_full(self) -> bool | None:
+        """Whether every slot of the fixed windows holds a token (None without fixed windows)."""
+        layer = self.window_layer
+        return None if layer is None else layer.cumulative_length >= layer.sliding_window - 1
+
+    def masks(self, embeds: torch.Tensor, full: bool | None = None) -> dict[str, Any]:
+        """Masks by layer type, built once per chunk: `WindowKeys` for fixed windows (`full` overrides whether
+        they are full). Without attention layers that need one, the full-attention mask is left out: its size
+        grows with every token seen, and linear mixers read it only for padding, which a stream does not have."""
         masks = {}
         for layer_type in self.layer_types:
+            if layer_type == "sliding_attention" and self.window_layer is not None:
+                masks[layer_type] = WindowKeys(
+                    window=self.window_layer.sliding_window,
+                    empty=self.window_layer.empty,
+                    full=self.window_full() if full is None else full,
+                    flash=self.flash,
+                )
+                continue
             if layer_type == "sliding_attention":
                 build = create_sliding_window_causal_mask
             elif self.full_attention_mask:
@@ -367,16 +411,27 @@ class StreamState:
             )
         return masks
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Run (1, L, hidden) embeddings at (3, 1, L) positions into the cache; the last token's hidden state."""
+    def attention(self) -> contextlib.AbstractContextManager:
+        """The attention implementation a forward runs under (the window attention with fixed windows)."""
+        if self.window_layer is None:
+            return contextlib.nullcontext()
+        return attention_implementation(self.text_config, WINDOW_ATTENTION)
+
+    def run(self, embeds: torch.Tensor, positions: torch.Tensor, masks: dict[str, Any]) -> torch.Tensor:
+        """The decoder over (1, L, hidden) embeddings at (3, 1, L) positions into the cache, under `attention()`;
+        the last token's hidden state."""
         out = self.decoder(
             inputs_embeds=embeds,
             position_ids=positions,
-            attention_mask=self.masks(embeds),
+            attention_mask=masks,
             past_key_values=self.cache,
             use_cache=True,
         )
         return out.last_hidden_state[:, -1]
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        with self.attention():
+            return self.run(embeds, positions, self.masks(embeds))
 
     def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, span: int) -> None:
         self.last_hidden = self.forward(embeds, positions)
@@ -424,6 +479,20 @@ def cache_tensor_slots(cache) -> list[tuple[dict, str, torch.Tensor]]:
     return [slot for layer in cache.layers for slot in layer_tensor_slots(layer)]
 
 
+def held_states(cache) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the tokens' states a cache holds, comparable between cache kinds: each sliding-window
+    layer's keys and values (of a fixed window, its occupied slots), each other layer's tensors (a mixer's
+    states)."""
+    held = []
+    for layer in cache.layers:
+        if getattr(layer, "is_sliding", False):
+            kept = layer.kept() if isinstance(layer, FixedWindowLayer) else (layer.keys, layer.values)
+            held += list(zip(("keys", "values"), kept, strict=True))
+        else:
+            held += [(key, tensor) for _, key, tensor in layer_tensor_slots(layer)]
+    return held
+
+
 def cache_shapes(cache) -> list[tuple]:
     """Which tensors the cache holds and their shapes: a captured step stays valid while these do not change."""
     return [
@@ -457,22 +526,31 @@ class LayerSnapshot:
 
 
 class CapturedPrefill:
-    """A `StreamState`'s prefill of one fixed-size chunk, replayed from a CUDA graph.
+    """A `StreamState`'s prefill of one fixed-size chunk, replayed from CUDA graphs.
 
-    Before capture every cache tensor is replaced by a compact copy (a fixed buffer); the captured step runs
-    the forward (which reads the buffers and makes new tensors from the graph's pool) and copies each new
-    tensor back into its buffer. Only the kernels replay, so the layers' Python-side token counters are
-    advanced by hand by what one forward added to them. Needs a cache whose tensors keep their shapes from one
-    chunk to the next (`cache_shapes`); anything else raises before the state is touched.
+    Before capture every cache tensor is replaced by a compact copy (a fixed buffer); a captured step runs the
+    forward (which reads the buffers and makes new tensors from the graph's pool) and copies each new tensor
+    back into its buffer. Only the kernels replay, so the layers' Python-side token counters are advanced by
+    hand by what one forward added to them. Needs a cache whose tensors keep their shapes from one chunk to the
+    next (`cache_shapes`); anything else raises before the state is touched.
+
+    phases: one graph per value of `StreamState.masks`'s `full` (with fixed windows: False while they fill,
+    True once full, both captured at once over the same buffers and memory pool, so that nothing is allocated
+    when the window fills); (None,) for a single graph. A replay picks the graph of `state.window_full()`.
     """
 
     def __init__(
-        self, state: StreamState, embeds: torch.Tensor, positions: torch.Tensor, compile: bool = False
+        self,
+        state: StreamState,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        compile: bool = False,
+        phases: tuple[bool | None, ...] = (None,),
     ):
         self.state = state
         # compile: the captured forward through torch.compile for this chunk's shapes (it fuses the small
         # kernels between the matrix products and the mixers' kernels); it is traced on the warm-up runs.
-        self.forward = torch.compile(StreamState.forward, dynamic=False) if compile else StreamState.forward
+        self.run = torch.compile(StreamState.run, dynamic=False) if compile else StreamState.run
         cache = state.cache
         self.slots = []
         for container, key, tensor in cache_tensor_slots(cache):
@@ -481,54 +559,76 @@ class CapturedPrefill:
         self.embeds, self.positions = embeds.clone(), positions.clone()
         snapshots = [LayerSnapshot(layer) for layer in cache.layers]
         shapes, before = cache_shapes(cache), counters(cache)
-        if compile:
-            # The compiled forward is traced for this state object (its guards): warm it up on the stream's own
-            # state, then put the state back (a forward writes into no cache tensor, it rebinds them).
-            def warmup():
-                self.forward(state, self.embeds, self.positions)
-                for snapshot in snapshots:
+        self.graphs: dict[bool | None, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.deltas: dict[bool | None, list[dict[str, int]]] = {}
+        pool = None
+        for phase in phases:
+            if compile:
+                # The compiled forward is traced for this state object (its guards): warm it up on the stream's
+                # own state, then put the state back (a forward writes into no cache tensor, it rebinds them).
+                def warmup(phase=phase):
+                    self.forward(state, phase)
+                    for snapshot in snapshots:
+                        snapshot.restore()
+            else:
+                warmup_state = state.branch()  # warm-up forwards must not advance the stream
+
+                def warmup(phase=phase, warmup_state=warmup_state):
+                    self.forward(warmup_state, phase)
+
+            try:
+                self.graphs[phase] = capture_cuda_graph(lambda phase=phase: self.step(phase), warmup, pool)
+                after = counters(cache)
+                unchanged = len(cache.layers) == len(snapshots) and cache_shapes(cache) == shapes
+                held = cache_tensor_slots(cache)
+                in_buffers = len(held) == len(self.slots) and all(
+                    tensor is buffer for (_, _, tensor), (_, _, buffer) in zip(held, self.slots, strict=True)
+                )
+            finally:
+                for (
+                    snapshot
+                ) in snapshots:  # capture runs no kernel: the buffers still hold the state before it
                     snapshot.restore()
-        else:
-            warmup_state = state.branch()  # warm-up forwards must not advance the stream
+            if not (unchanged and in_buffers):
+                raise RuntimeError(
+                    "the forward replaced cache tensors that the captured step cannot copy back"
+                )
+            self.deltas[phase] = [
+                {key: a[key] - b[key] for key in b} for a, b in zip(after, before, strict=True)
+            ]
+            pool = self.graphs[phase][0].pool()
 
-            def warmup():
-                self.forward(warmup_state, self.embeds, self.positions)
+    def forward(self, state: StreamState, phase: bool | None) -> torch.Tensor:
+        masks = state.masks(self.embeds, full=phase)
+        with state.attention():
+            return self.run(state, self.embeds, self.positions, masks)
 
-        try:
-            self.graph, self.hidden = capture_cuda_graph(self.step, warmup=warmup)
-            after = counters(cache)
-            unchanged = len(cache.layers) == len(snapshots) and cache_shapes(cache) == shapes
-            held = cache_tensor_slots(cache)
-            in_buffers = len(held) == len(self.slots) and all(
-                tensor is buffer for (_, _, tensor), (_, _, buffer) in zip(held, self.slots, strict=True)
-            )
-        finally:
-            for snapshot in snapshots:  # capture runs no kernel: the buffers still hold the state before it
-                snapshot.restore()
-        if not (unchanged and in_buffers):
-            raise RuntimeError("the forward replaced cache tensors that the captured step cannot copy back")
-        self.deltas = [{key: a[key] - b[key] for key in b} for a, b in zip(after, before, strict=True)]
-
-    def step(self) -> torch.Tensor:
-        hidden = self.forward(self.state, self.embeds, self.positions)
+    def step(self, phase: bool | None) -> torch.Tensor:
+        hidden = self.forward(self.state, phase)
         for container, key, buffer in self.slots:
             buffer.copy_(container[key])
             container[key] = buffer
         return hidden
 
+    def phase(self) -> bool | None:
+        return None if None in self.graphs else self.state.window_full()
+
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor) -> None:
+        phase = self.phase()
+        graph, hidden = self.graphs[phase]
         self.embeds.copy_(embeds)
         self.positions.copy_(positions)
-        self.graph.replay()
-        for layer, deltas in zip(self.state.cache.layers, self.deltas, strict=True):
+        graph.replay()
+        for layer, deltas in zip(self.state.cache.layers, self.deltas[phase], strict=True):
             for key, delta in deltas.items():
                 setattr(layer, key, getattr(layer, key) + delta)
-        self.state.last_hidden = self.hidden
+        self.state.last_hidden = hidden
 
 
-def capture_cuda_graph(fn: Callable[[], Any], warmup: Callable[[], Any] | None = None):
+def capture_cuda_graph(fn: Callable[[], Any], warmup: Callable[[], Any] | None = None, pool=None):
     """Capture `fn` (reading and writing fixed tensors only) in a CUDA graph after warm-up runs on a side
-    stream; returns (graph, fn's output, whose tensors each replay rewrites)."""
+    stream, in the memory pool of another graph if given (graphs that never run at once); returns (graph, fn's
+    output, whose tensors each replay rewrites)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -536,7 +636,7 @@ def capture_cuda_graph(fn: Callable[[], Any], warmup: Callable[[], Any] | None =
             (warmup or fn)()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         output = fn()
     return graph, output
 
@@ -574,7 +674,7 @@ class StaticAnswers:
 
 def load_static_cache(static, cache: DynamicCache) -> None:
     """Copy a stream's `DynamicCache` into a `StaticHybridCache` (same model, batch 1, no full attention):
-    mixer states as they are; the last `window - 1` keys and values of a sliding-window layer into the ring
+    mixer states as they are; the last `window - 1` keys and values of a sliding-window layer (those it holds) into the ring
     slots of their tokens (token i in slot i % window), which become the only valid slots."""
     from hybridize.mixers.cache import MixerCacheLayer
 
@@ -585,10 +685,11 @@ def load_static_cache(static, cache: DynamicCache) -> None:
         if isinstance(target, MixerCacheLayer):
             target.store(**source.states)
             continue
-        kept = source.keys.shape[-2]
+        keys, values = source.kept() if isinstance(source, FixedWindowLayer) else (source.keys, source.values)
+        kept = keys.shape[-2]
         slots = torch.arange(seen - kept, seen, device=static.device) % target.capacity
-        target.keys.index_copy_(2, slots, source.keys)
-        target.values.index_copy_(2, slots, source.values)
+        target.keys.index_copy_(2, slots, keys)
+        target.values.index_copy_(2, slots, values)
         static.valid[target.capacity].index_fill_(1, slots, True)
     static.length.fill_(seen)
     static.seen_tokens = seen
@@ -705,8 +806,8 @@ class StreamingSession:
         self.encoder = FrameEncoder(
             model, processor, self.prompt, self.frame_size, use_graph=cuda_graphs, compile=compile
         )
+        implementation = model.config.get_text_config(decoder=True)._attn_implementation
         if static_decode is None:
-            implementation = model.config.get_text_config(decoder=True)._attn_implementation
             static_decode = device.type == "cuda" and not self.growing and implementation in ("sdpa", "eager")
         if static_decode and self.growing:
             raise ValueError(
@@ -714,6 +815,7 @@ class StreamingSession:
             )
         self.static_decode = static_decode
         self.static_answers: StaticAnswers | None = None  # built by the first question
+        self.window_cache = not self.growing and implementation in ("sdpa", "eager")
         self.frame_positions = self.prompt.frame_positions.to(device)[:, None]  # (3, 1, L)
         if fuse:  # after every input check: it rewrites the model's parameters as views
             fuse_projections(model)
@@ -731,12 +833,19 @@ class StreamingSession:
     @torch.inference_mode()
     def reset(self) -> None:
         """Start a new stream: an empty cache with the system turn and the start of the user turn prefilled."""
-        self.state = StreamState(self.model, full_attention_mask=bool(self.growing))
+        self.state = StreamState(
+            self.model, full_attention_mask=bool(self.growing), window_cache=self.window_cache
+        )
         self.state.prefill_text(self.prompt.prefix_ids)
         self.frames = 0
-        self.prefill_graph: CapturedPrefill | None = None
+        self.captured: CapturedPrefill | None = None
         self.capture_prefill = self.cuda_graphs and not self.growing
         self.steady = False  # the last eager frame left the cache's shapes as they were
+
+    @property
+    def prefill_graph(self) -> torch.cuda.CUDAGraph | None:
+        """The CUDA graph the next frame's prefill replays, if any."""
+        return None if self.captured is None else self.captured.graphs[self.captured.phase()][0]
 
     @torch.inference_mode()
     def add_frame(self, frame) -> None:
@@ -744,17 +853,22 @@ class StreamingSession:
         not waited for: a frame in pinned host memory must stay unchanged until the GPU has copied it."""
         embeds = self.encoder(frame)
         positions = self.frame_positions + self.state.position
-        if self.prefill_graph is None and self.capture_prefill and self.steady:
+        if self.captured is None and self.capture_prefill and self.steady:
+            full = self.state.window_full()
+            # With fixed windows, the graph for a full window is captured now too, though it runs later.
+            phases = (None,) if full is None else ((True,) if full else (False, True))
             try:
-                self.prefill_graph = CapturedPrefill(self.state, embeds, positions, compile=self.compile)
+                self.captured = CapturedPrefill(
+                    self.state, embeds, positions, compile=self.compile, phases=phases
+                )
             except Exception as error:  # a capture can fail in many ways; eager always works
                 warnings.warn(
                     f"CUDA graph capture of the frame prefill failed ({error}); running it eagerly.",
                     stacklevel=2,
                 )
                 self.capture_prefill = False
-        if self.prefill_graph is not None:
-            self.prefill_graph(embeds, positions)
+        if self.captured is not None:
+            self.captured(embeds, positions)
             self.state.position += self.prompt.frame_span
         else:
             shapes = cache_shapes(self.state.cache)

@@ -5,18 +5,21 @@ and runs attention once per window (at 448x448, 16 windows of 64 patches in each
 small attention calls per frame). Under a flash implementation it instead hands the whole packed sequence to the
 attention function with the boundaries as `cu_seq_lens_q` / `cu_seq_lens_k`. `packed_sdpa_attention` takes that
 call and runs it as one SDPA call whose boolean mask is block-diagonal over the segments: more arithmetic (each
-query is scored against every key, the mask zeroes the other windows) for far fewer kernels.
+query is scored against every key, the mask zeroes the other windows) for far fewer kernels. Where PyTorch's
+flash kernel runs (`hybridize.inference.flash`), the call is instead its varlen form over the segments, which
+scores each query against its own window only; a single segment (the ViT's full-attention layers) is plain SDPA.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
+
+from hybridize.inference.flash import attention_implementation, flash_attention
 
 # transformers takes the varlen branch (cu_seqlens passed, no split per window) only for implementations whose name
 # contains "flash" (`is_flash_attention_requested`), so the name carries the word though no flash-attn kernel runs.
@@ -46,9 +49,12 @@ class BlockDiagonalMasks:
     The vision tower passes the same `cu_seqlens` object to every layer of a kind (windowed or full), so with
     boundaries fixed for good (a frame encoder's), each mask is built once instead of in every layer. The
     boundaries must not change in place. The cache holds the boundary tensors, so their ids stay theirs.
+    flash: the attention runs PyTorch's varlen flash kernel instead and needs no mask (the caller checks
+    `flash_kernel_usable` once, for the tower's device, dtype and head size).
     """
 
-    def __init__(self):
+    def __init__(self, flash: bool = False):
+        self.flash = flash
         self.entries: dict[tuple[int, int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def get(
@@ -72,16 +78,19 @@ def packed_sdpa_attention(
     is_causal: bool | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
     cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
     block_diagonal_masks: BlockDiagonalMasks | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """Attention within each segment of packed sequences, for transformers' attention interface (varlen call).
 
     query (B, Hq, Lq, D); key, value (B, Hkv, Lk, D); cu_seq_lens_q / cu_seq_lens_k (S + 1,) int segment
-    boundaries on the device. One SDPA call under a block-diagonal bool mask, from `block_diagonal_masks` when
-    given (built once per boundary tensor) or built here. `max_length_q` / `max_length_k` size flash-attn's
-    launch grid and are not needed; `output_attentions` gets no weights, as under flash attention. Returns
-    ((B, Lq, Hq, D), None) like transformers' flash and SDPA attention.
+    boundaries on the device, `max_length_q` / `max_length_k` the longest segments. With
+    `block_diagonal_masks.flash`: PyTorch's varlen flash kernel (batch 1), or one SDPA call without a mask when
+    a single segment spans everything. Else one SDPA call under a block-diagonal bool mask, from
+    `block_diagonal_masks` when given (built once per boundary tensor) or built here. `output_attentions` gets no
+    weights, as under flash attention. Returns ((B, Lq, Hq, D), None) like transformers' flash and SDPA attention.
     """
     if cu_seq_lens_q is None or cu_seq_lens_k is None:
         raise ValueError(
@@ -97,9 +106,34 @@ def packed_sdpa_attention(
     for unsupported in ("sliding_window", "softcap", "s_aux"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"{PACKED_ATTENTION!r} attention does not support {unsupported!r}.")
+    one_segment = max_length_q == query.shape[2] and max_length_k == key.shape[2]
+    if block_diagonal_masks is not None and block_diagonal_masks.flash and not (one_segment or dropout):
+        if query.shape[0] != 1 or None in (max_length_q, max_length_k):
+            raise ValueError(
+                f"Varlen flash attention takes batch 1 with max_length_q and max_length_k; got batch "
+                f"{query.shape[0]}, max_length_q={max_length_q}, max_length_k={max_length_k}."
+            )
+        out = flash_attention(
+            query[0].transpose(0, 1),  # (Lq, Hq, D) views
+            key[0].transpose(0, 1),
+            value[0].transpose(0, 1),
+            query.shape[-1] ** -0.5 if scaling is None else scaling,
+            causal=False,
+            cu_seqlens_q=cu_seq_lens_q.int(),
+            cu_seqlens_k=cu_seq_lens_k.int(),
+            max_q=max_length_q,
+            max_k=max_length_k,
+        )
+        return out[None], None
     lengths = (cu_seq_lens_q, cu_seq_lens_k, query.shape[2], key.shape[2])
     mask = (
-        block_diagonal_mask(*lengths) if block_diagonal_masks is None else block_diagonal_masks.get(*lengths)
+        None
+        if one_segment
+        else (
+            block_diagonal_mask(*lengths)
+            if block_diagonal_masks is None
+            else block_diagonal_masks.get(*lengths)
+        )
     )
     out = F.scaled_dot_product_attention(
         query,
@@ -116,13 +150,6 @@ def packed_sdpa_attention(
 AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
 
 
-@contextlib.contextmanager
-def packed_attention_on(config) -> Iterator[None]:
-    """`config` (a vision config: the setter recurses into sub-configs) names the packed attention inside the
-    block, and what it named before after it, also when the block raises."""
-    saved = config._attn_implementation
-    config._attn_implementation = PACKED_ATTENTION
-    try:
-        yield
-    finally:
-        config._attn_implementation = saved
+def packed_attention_on(config) -> AbstractContextManager[None]:
+    """`config` (a vision config) names the packed attention inside the block, and what it named before after it."""
+    return attention_implementation(config, PACKED_ATTENTION)

@@ -19,6 +19,7 @@ from hybridize.inference.streaming import (
     StreamingSession,
     build_frame_prompt,
     cache_tensor_slots,
+    held_states,
     sample_video,
     video_duration,
 )
@@ -69,10 +70,10 @@ def hybrid8(tiny_hybrid):
 
 
 def assert_same_states(cache, reference, exact: bool = False) -> None:
-    ours, theirs = cache_tensor_slots(cache), cache_tensor_slots(reference)
-    assert [key for _, key, _ in ours] == [key for _, key, _ in theirs]
-    assert any(key == "recurrent" for _, key, _ in ours) and any(key == "keys" for _, key, _ in ours)
-    for (_, key, mine), (_, _, expected) in zip(ours, theirs, strict=True):
+    ours, theirs = held_states(cache), held_states(reference)
+    assert [key for key, _ in ours] == [key for key, _ in theirs]
+    assert any(key == "recurrent" for key, _ in ours) and any(key == "keys" for key, _ in ours)
+    for (key, mine), (_, expected) in zip(ours, theirs, strict=True):
         if exact:
             assert torch.equal(mine, expected), key
         else:
@@ -167,7 +168,7 @@ def test_packed_vision_attention_equals_the_split_per_window(request, tiny_teach
         hook.remove()
     assert seen == [PACKED_ATTENTION, "sdpa", "sdpa"] and visual.config._attn_implementation == "sdpa"
     masks = packed.vision_kwargs["block_diagonal_masks"].entries
-    assert len(masks) == 2  # windowed and full layers, each mask built once
+    assert len(masks) == 1  # the windowed layers' mask, built once; the full-attention layer needs none
     torch.testing.assert_close(embeds, reference)
     vision = embeds[0, len(packed.before) : len(packed.before) + len(stock)]
     torch.testing.assert_close(vision, stock.to(embeds.dtype))
@@ -279,23 +280,33 @@ def test_full_attention_models_are_refused_unless_growth_is_allowed(tiny_teacher
 
 
 class ReplayedStep:
-    """A CPU stand-in for a CUDA graph over `CapturedPrefill.step`: capture runs the step once and then undoes
+    """A CPU stand-in for a CUDA graph over a `CapturedPrefill` step: capture runs the step once and then undoes
     what it did to the cache's tensors (a capture executes no kernel); replay runs it again with the layers'
     Python attributes put back afterwards (a replay runs no Python) and writes into the captured output."""
 
-    def __init__(self, step, output):
-        self.step, self.output, self.cache = step, output, step.__self__.state.cache
+    def __init__(self, step, output, cache):
+        self.step, self.output, self.cache = step, output, cache
+        self.replays = 0
 
     @classmethod
-    def capture(cls, step, warmup=None):
-        cache = step.__self__.state.cache
-        for _ in range(2):
-            warmup()
-        before = [tensor.clone() for _, _, tensor in cache_tensor_slots(cache)]
-        output = step()
-        for (_, _, tensor), saved in zip(cache_tensor_slots(cache), before, strict=True):
-            tensor.copy_(saved)
-        return cls(step, output), output
+    def capturing(cls, cache, captured: list):
+        def capture(step, warmup=None, pool=None):
+            assert pool == (
+                captured[0].pool() if captured else None
+            )  # later graphs share the first one's pool
+            for _ in range(2):
+                warmup()
+            before = [tensor.clone() for _, _, tensor in cache_tensor_slots(cache)]
+            output = step()
+            for (_, _, tensor), saved in zip(cache_tensor_slots(cache), before, strict=True):
+                tensor.copy_(saved)
+            captured.append(cls(step, output, cache))
+            return captured[-1], output
+
+        return capture
+
+    def pool(self):
+        return ("pool", id(self))
 
     def replay(self):
         snapshots = [LayerSnapshot(layer) for layer in self.cache.layers]
@@ -303,23 +314,29 @@ class ReplayedStep:
         for snapshot in snapshots:
             snapshot.restore()
         self.output.copy_(result)
+        self.replays += 1
 
 
 def test_captured_prefill_bookkeeping_equals_eager(hybrid64, tiny_teacher, monkeypatch):
-    """What the prefill graph relies on, short of CUDA: fixed buffers, copy-back, counters advanced by hand."""
-    monkeypatch.setattr(streaming, "capture_cuda_graph", ReplayedStep.capture)
+    """What the prefill graphs rely on, short of CUDA: fixed buffers, copy-back, counters advanced by hand, the
+    graph of a filling window and of a full one captured at the second frame and each replayed in its phase."""
     processor, stream = tiny_teacher[1], frames(16)
     captured = StreamingSession(hybrid64, processor, frame_size=56, cuda_graphs=False)
-    captured.capture_prefill = True
     eager = StreamingSession(hybrid64, processor, frame_size=56, cuda_graphs=False)
-    sizes = {}
+    graphs = []
+    monkeypatch.setattr(streaming, "capture_cuda_graph", ReplayedStep.capturing(captured.state.cache, graphs))
+    captured.capture_prefill = True
+    sizes, full_from = {}, None
     for frame in stream:
+        full = captured.state.window_full()
+        full_from = captured.frames if full and full_from is None else full_from
         captured.add_frame(frame)
         eager.add_frame(frame)
         sizes[captured.frames] = captured.cache_bytes()
-        if captured.prefill_graph is None:
-            assert captured.state.cache.get_seq_length() < 64 + 2 * captured.tokens_per_frame
-    assert captured.prefill_graph is not None and sizes[14] == sizes[16]
+        assert (captured.prefill_graph is not None) == (captured.frames >= 2)
+    assert sizes[2] == sizes[16]
+    assert len(graphs) == 2 and 2 < full_from < 14  # captured at frame 2: the window filled later
+    assert graphs[0].replays == full_from - 1 and graphs[1].replays == 16 - full_from
     assert_same_states(captured.state.cache, eager.state.cache, exact=True)
     assert captured.state.cache.get_seq_length() == eager.state.cache.get_seq_length()
     assert torch.equal(captured.next_token_logits(), eager.next_token_logits())

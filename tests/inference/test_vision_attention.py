@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
+from hybridize.inference.flash import flash_kernel_usable
 from hybridize.inference.vision_attention import (
     PACKED_ATTENTION,
     BlockDiagonalMasks,
@@ -15,6 +16,7 @@ from hybridize.inference.vision_attention import (
     packed_attention_on,
     packed_sdpa_attention,
 )
+from tests.conftest import relative_rms
 
 BOUNDARIES = [0, 5, 12, 13, 24]  # unequal segments, one of a single position
 
@@ -55,6 +57,50 @@ def test_packed_attention_equals_per_segment_sdpa(dtype, kv_heads):
     )
     assert weights is None and out.shape == (1, length, 4, 8) and out.is_contiguous()
     torch.testing.assert_close(out, per_segment_sdpa(query, key, value, BOUNDARIES, 0.3))
+
+
+def packed_call(query, key, value, boundaries, masks: BlockDiagonalMasks | None = None) -> torch.Tensor:
+    cu_seqlens = torch.tensor(boundaries, dtype=torch.int32, device=query.device)
+    longest = max(torch.tensor(boundaries).diff().tolist())
+    return packed_sdpa_attention(
+        nn.Module(),
+        query,
+        key,
+        value,
+        None,
+        scaling=0.3,
+        cu_seq_lens_q=cu_seqlens,
+        cu_seq_lens_k=cu_seqlens,
+        max_length_q=longest,
+        max_length_k=longest,
+        block_diagonal_masks=masks,
+    )[0]
+
+
+def test_one_segment_needs_no_mask():
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(1, 4, 24, 8, dtype=torch.float64) for _ in range(3))
+    masks = BlockDiagonalMasks()
+    out = packed_call(query, key, value, [0, 24], masks)
+    assert not masks.entries
+    torch.testing.assert_close(out, per_segment_sdpa(query, key, value, [0, 24], 0.3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's flash kernel runs on CUDA")
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_varlen_flash_equals_per_segment_sdpa_in_bf16(kv_heads):
+    """The ViT's layout: q, k, v as (1, H, L, D) views of one (L, 3, H, D) projection; head size 80."""
+    assert flash_kernel_usable("cuda", torch.bfloat16, 80)
+    torch.manual_seed(0)
+    boundaries = [0, 64, 128, 150, 151, 256]
+    qkv = torch.randn(256, 3, 4, 80, device="cuda", dtype=torch.bfloat16)
+    query, key, value = qkv.permute(1, 2, 0, 3)[:, None].unbind(0)  # (1, 4, 256, 80) views
+    key, value = key[:, :kv_heads], value[:, :kv_heads]
+    masks = BlockDiagonalMasks(flash=True)
+    out = packed_call(query, key, value, boundaries, masks)
+    expected = per_segment_sdpa(query.double(), key.double(), value.double(), boundaries, 0.3)
+    assert not masks.entries and out.shape == (1, 256, 4, 80)
+    assert relative_rms(expected, out) < 5e-3
 
 
 def test_masks_are_built_once_per_boundary_tensor():

@@ -453,6 +453,7 @@ def test_stream_cli_answers_at_the_given_times(saved_hybrid, video, capsys):
         ({"--frame-size": "50"}, "multiple of 28"),
         ({"--max-new-tokens": "0"}, "at least 1"),
         ({"extra": ["--ask", "Q2?", "--at", "1", "--at", "2"]}, "one --at per --ask"),
+        ({"extra": ["--compile"], "--device": "cpu"}, "--compile compiles the CUDA-graph"),
     ],
 )
 def test_stream_cli_rejects_bad_input_before_loading(

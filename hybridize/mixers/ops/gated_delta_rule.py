@@ -118,8 +118,8 @@ def chunk_gated_delta_rule_torch(
     return out[:, :, :length].transpose(1, 2), (state if output_final_state else None)
 
 
-@torch.library.custom_op("hybridize::fla_fused_recurrent_gated_delta_rule", mutates_args=())
-def fla_fused_recurrent_gated_delta_rule(
+@torch.library.custom_op("hybridize::fla_gated_delta_rule", mutates_args=())
+def fla_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -128,12 +128,16 @@ def fla_fused_recurrent_gated_delta_rule(
     scale: float,
     initial_state: torch.Tensor | None,
     use_qk_l2norm: bool,
+    chunked: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fla's fused recurrent kernel (decode), as an operator torch.compile keeps whole instead of breaking its
-    graph on the Triton launch. Returns the output and the fp32 final state (B, H, K, V)."""
-    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+    """fla's chunked (prefill) or fused recurrent (decode) kernels without autograd, as an operator that
+    torch.compile keeps whole: fla's Triton launches, and its chunked entry point marked
+    `torch.compiler.disable`, would break a compiled model's graph at every layer. Returns the output and the
+    fp32 final state (B, H, K, V)."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
-    return fused_recurrent_gated_delta_rule(
+    kernel = chunk_gated_delta_rule if chunked else fused_recurrent_gated_delta_rule
+    return kernel(
         q=q,
         k=k,
         v=v,
@@ -146,45 +150,12 @@ def fla_fused_recurrent_gated_delta_rule(
     )
 
 
-@fla_fused_recurrent_gated_delta_rule.register_fake
-def _(q, k, v, g, beta, scale, initial_state, use_qk_l2norm):
+@fla_gated_delta_rule.register_fake
+def _(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, chunked):
     batch, _, heads, value_dim = v.shape  # fla returns a new contiguous output, whatever v's strides
-    return v.new_empty(v.shape), v.new_empty(batch, heads, k.shape[-1], value_dim, dtype=torch.float32)
-
-
-@torch.library.custom_op("hybridize::fla_chunk_gated_delta_rule", mutates_args=())
-def fla_chunk_gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    scale: float,
-    initial_state: torch.Tensor | None,
-    use_qk_l2norm: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fla's chunked kernels (prefill) without autograd, as an operator torch.compile keeps whole: fla marks its
-    entry point `torch.compiler.disable`, which breaks a compiled model's graph at every layer. Returns the
-    output and the fp32 final state (B, H, K, V)."""
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
-    return chunk_gated_delta_rule(
-        q=q,
-        k=k,
-        v=v,
-        g=g,
-        beta=beta,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=True,
-        use_qk_l2norm_in_kernel=use_qk_l2norm,
-    )
-
-
-@fla_chunk_gated_delta_rule.register_fake
-def _(q, k, v, g, beta, scale, initial_state, use_qk_l2norm):
-    batch, _, heads, value_dim = v.shape
-    return q.new_empty(v.shape), v.new_empty(batch, heads, k.shape[-1], value_dim, dtype=torch.float32)
+    # in q's dtype from the chunked kernels, in v's from the recurrent one
+    out = (q if chunked else v).new_empty(v.shape)
+    return out, v.new_empty(batch, heads, k.shape[-1], value_dim, dtype=torch.float32)
 
 
 def gated_delta_rule(
@@ -216,8 +187,7 @@ def gated_delta_rule(
     tensors = (q, k, v, g, beta, initial_state)
     needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
     if backend == "fla" and (mode == "recurrent" or not needs_grad):
-        kernel = fla_fused_recurrent_gated_delta_rule if mode == "recurrent" else fla_chunk_gated_delta_rule
-        out, state = kernel(
+        out, state = fla_gated_delta_rule(
             q,
             k,
             v,
@@ -226,6 +196,7 @@ def gated_delta_rule(
             k.shape[-1] ** -0.5 if scale is None else scale,
             None if initial_state is None else initial_state.float(),
             use_qk_l2norm,
+            chunked=mode == "chunk",
         )
         return out.to(v.dtype), (state if output_final_state else None)
     if backend == "fla":

@@ -2,8 +2,8 @@
 
 A stream's sliding-window layer keeps its last `window - 1` keys and values in a `FixedWindowLayer`: tensors of
 that size from the first token on (the slots without a token yet at the front, zero), so that the cache's
-memory and shapes are the same at every frame and the per-frame prefill can be one CUDA graph from the first
-frame. Its attention is told which slots hold no token by a `WindowKeys` passed in place of the mask, and
+memory and shapes are the same at every frame and the per-frame prefill can be captured in CUDA graphs at the
+second frame. Its attention is told which slots hold no token by a `WindowKeys` passed in place of the mask, and
 runs as:
 
 - a full window (every slot holds a token): one call of PyTorch's flash attention kernel with its sliding
@@ -29,6 +29,8 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 from hybridize.inference.flash import flash_attention
 
 WINDOW_ATTENTION = "hybridize_window_attention"
+
+
 # ----------------------------------------------------------------------------------------------- cache
 
 

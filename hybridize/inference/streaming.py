@@ -54,11 +54,14 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from hybridize.converters.discovery import find_decoder_layout
 from hybridize.inference.chat import import_av
+from hybridize.inference.decode import SUPPORTED_ATTENTION, StaticDecoder
 from hybridize.inference.flash import attention_implementation, flash_kernel_usable
 from hybridize.inference.fusion import fuse_projections
+from hybridize.inference.static_cache import StaticHybridCache
 from hybridize.inference.vision_attention import BlockDiagonalMasks, packed_attention_on
 from hybridize.inference.window_attention import WINDOW_ATTENTION, FixedWindowLayer, WindowKeys
 from hybridize.mixers.base import TokenMixer
+from hybridize.mixers.cache import MixerCacheLayer
 from hybridize.mixers.sliding_window import SlidingWindowMixer
 
 QUESTION_MARKER = "\x00question\x00"  # stands in for the question while the chat template is split
@@ -479,6 +482,12 @@ def cache_tensor_slots(cache) -> list[tuple[dict, str, torch.Tensor]]:
     return [slot for layer in cache.layers for slot in layer_tensor_slots(layer)]
 
 
+def held_window(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of the tokens a sliding-window cache layer holds, oldest first (a fixed window's
+    occupied slots)."""
+    return layer.kept() if isinstance(layer, FixedWindowLayer) else (layer.keys, layer.values)
+
+
 def held_states(cache) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of the tokens' states a cache holds, comparable between cache kinds: each sliding-window
     layer's keys and values (of a fixed window, its occupied slots), each other layer's tensors (a mixer's
@@ -486,8 +495,7 @@ def held_states(cache) -> list[tuple[str, torch.Tensor]]:
     held = []
     for layer in cache.layers:
         if getattr(layer, "is_sliding", False):
-            kept = layer.kept() if isinstance(layer, FixedWindowLayer) else (layer.keys, layer.values)
-            held += list(zip(("keys", "values"), kept, strict=True))
+            held += list(zip(("keys", "values"), held_window(layer), strict=True))
         else:
             held += [(key, tensor) for _, key, tensor in layer_tensor_slots(layer)]
     return held
@@ -649,9 +657,6 @@ class StaticAnswers:
     """
 
     def __init__(self, model):
-        from hybridize.inference.decode import StaticDecoder
-        from hybridize.inference.static_cache import StaticHybridCache
-
         # max_length bounds full-attention layers only, and a stream has none
         self.cache = StaticHybridCache.for_model(model, batch_size=1, max_length=1)
         self.decoder = StaticDecoder(model, self.cache)
@@ -674,10 +679,8 @@ class StaticAnswers:
 
 def load_static_cache(static, cache: DynamicCache) -> None:
     """Copy a stream's `DynamicCache` into a `StaticHybridCache` (same model, batch 1, no full attention):
-    mixer states as they are; the last `window - 1` keys and values of a sliding-window layer (those it holds) into the ring
-    slots of their tokens (token i in slot i % window), which become the only valid slots."""
-    from hybridize.mixers.cache import MixerCacheLayer
-
+    mixer states as they are; the keys and values a sliding-window layer holds (its last `window - 1` at most)
+    into the ring slots of their tokens (token i in slot i % window), which become the only valid slots."""
     seen = cache.get_seq_length()
     for valid in static.valid.values():
         valid.zero_()
@@ -685,7 +688,7 @@ def load_static_cache(static, cache: DynamicCache) -> None:
         if isinstance(target, MixerCacheLayer):
             target.store(**source.states)
             continue
-        keys, values = source.kept() if isinstance(source, FixedWindowLayer) else (source.keys, source.values)
+        keys, values = held_window(source)
         kept = keys.shape[-2]
         slots = torch.arange(seen - kept, seen, device=static.device) % target.capacity
         target.keys.index_copy_(2, slots, keys)
@@ -806,16 +809,18 @@ class StreamingSession:
         self.encoder = FrameEncoder(
             model, processor, self.prompt, self.frame_size, use_graph=cuda_graphs, compile=compile
         )
+        # Fixed windows and the static answer cache both need a fixed-size cache and an attention
+        # implementation whose masks they can replace.
         implementation = model.config.get_text_config(decoder=True)._attn_implementation
+        self.window_cache = not self.growing and implementation in SUPPORTED_ATTENTION
         if static_decode is None:
-            static_decode = device.type == "cuda" and not self.growing and implementation in ("sdpa", "eager")
+            static_decode = device.type == "cuda" and self.window_cache
         if static_decode and self.growing:
             raise ValueError(
                 "static_decode needs a model without growing layers (its cache has a fixed size)."
             )
         self.static_decode = static_decode
         self.static_answers: StaticAnswers | None = None  # built by the first question
-        self.window_cache = not self.growing and implementation in ("sdpa", "eager")
         self.frame_positions = self.prompt.frame_positions.to(device)[:, None]  # (3, 1, L)
         if fuse:  # after every input check: it rewrites the model's parameters as views
             fuse_projections(model)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -87,3 +88,11 @@ def test_streaming_fps_streams_both_models(tmp_path, monkeypatch):
     assert set(check["state_rel_rms"]) >= {"keys", "values", "recurrent"}
     assert max(check["state_rel_rms"].values()) < 1e-4
     assert "| 10-14 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_attention_kernels_refuses_to_run_without_cuda(tmp_path, monkeypatch):
+    out = tmp_path / "kernels.json"
+    with pytest.raises(SystemExit, match="run it on a GPU"):
+        benchmark_script("attention_kernels", monkeypatch).main(["--out", str(out)])
+    assert not out.exists()

@@ -8,8 +8,8 @@ runs as:
 
 - a full window (every slot holds a token): one call of PyTorch's flash attention kernel with its sliding
   window (`window - 1` keys to the left, none to the right, aligned to the last key), which visits only the
-  keys in the band. SDPA takes no window and runs this band as a dense boolean mask (4x slower at 258 x 8,449
-  keys on the H100);
+  keys in the band. SDPA takes no window and runs this band as a dense boolean mask (3.5x slower at 258 x 8,449
+  keys on the H100, `benchmarks/attention_kernels.py`);
 - a window still filling: the same kernel in its varlen form, each sequence's empty slots skipped through its
   key offsets, which a CUDA graph can read from the device;
 - elsewhere (CPU, fp32, no flash kernel): SDPA under the band mask of the same keys, the reference that the

@@ -44,6 +44,7 @@ import torch
 from transformers import DynamicCache, Qwen2_5_VLForConditionalGeneration, StaticCache
 
 import hybridize  # noqa: F401  (registers the hybrid classes)
+from hybridize.compat import cache_argument
 from hybridize.converters import build_hybrid_config, hybrid_model_class, plan_layers
 from hybridize.converters.discovery import layer_specs
 from hybridize.inference.decode import StaticDecoder
@@ -215,7 +216,7 @@ def short_prefill(model, cache, device: torch.device, length: int = 16) -> None:
     """A few real tokens through the model, so that every cache slot exists (mixers create theirs lazily)."""
     ids = random_ids(model, length, device)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, **cache_argument(cache), use_cache=True)
 
 
 def dynamic_context(model, context: int, device: torch.device, generator: torch.Generator) -> DynamicCache:
@@ -266,7 +267,7 @@ def eager_step(model, cache, context: int, device: torch.device):
         position = torch.full((1, 1), state["position"], dtype=torch.long, device=device)
         with torch.no_grad():
             logits = model(
-                input_ids=state["token"], position_ids=position, past_key_values=cache, use_cache=True
+                input_ids=state["token"], position_ids=position, **cache_argument(cache), use_cache=True
             ).logits
         state["token"] = logits[:, -1].argmax(-1, keepdim=True)
         state["position"] += 1
@@ -297,7 +298,11 @@ def stock_static_step(
             None, None, None, :
         ]  # (1, 1, 1, max_length): keys up to the position
         logits = model(
-            input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache, use_cache=True
+            input_ids=token,
+            attention_mask=mask,
+            position_ids=position,
+            **cache_argument(cache),
+            use_cache=True,
         ).logits
         position.add_(1)
         return logits
@@ -385,7 +390,7 @@ def time_prefill(args, model, context: int, device, decoder=None) -> dict:
         with torch.no_grad():
             if decoder is None:
                 model(
-                    input_ids=ids, past_key_values=DynamicCache(config=text_config(model)), logits_to_keep=1
+                    input_ids=ids, logits_to_keep=1, **cache_argument(DynamicCache(config=text_config(model)))
                 )
             else:
                 decoder.cache.reset()

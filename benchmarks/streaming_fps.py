@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
+from hybridize.compat import output_cache
 from hybridize.converters import build_hybrid_config, hybrid_model_class, plan_layers
 from hybridize.converters.discovery import layer_specs
 from hybridize.inference.streaming import StreamingSession, held_states
@@ -296,7 +297,7 @@ def check_one_shot(args, model, device: torch.device) -> dict:
         logits_to_keep=1,
     )
     errors: dict[str, float] = {}
-    streamed, one_shot = held_states(session.state.cache), held_states(out.past_key_values)
+    streamed, one_shot = held_states(session.state.cache), held_states(output_cache(out))
     for (key, mine), (_, reference) in zip(streamed, one_shot, strict=True):
         errors[key] = max(errors.get(key, 0.0), relative_rms(reference, mine))
     logits = out.logits[:, -1].float()

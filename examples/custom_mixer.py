@@ -74,11 +74,12 @@ class RetentionMixer(hybridize.TokenMixer):
             self.v_proj.weight.copy_(weights.v)
             self.o_proj.weight.copy_(weights.o)
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
         batch, length, _ = hidden_states.shape
-        # Padded positions (generate() pads on the left) get zero inputs; the cache slot holds our state.
-        hidden_states, valid, cache, states = self.begin_recurrent_forward(
-            hidden_states, attention_mask, past_key_values
+        # Padded positions (generate() pads on the left) get zero inputs; this layer's slot of the model's cache
+        # (None without one) holds our state.
+        hidden_states, valid, slot, states = self.begin_recurrent_forward(
+            hidden_states, attention_mask, cache
         )
 
         def heads(x):  # (B, T, H*D) -> (B, H, T, D), in fp32 at least
@@ -93,17 +94,17 @@ class RetentionMixer(hybridize.TokenMixer):
         decay = torch.where(distance >= 0, (log_gamma[..., None] * distance.clamp(min=0)).exp(), 0.0)
         out = (q @ k.transpose(-1, -2) * decay) @ v  # (B, H, T, D)
 
-        if cache is not None:
+        if slot is not None:
             state = states.get("state")  # (B, H, D, D): what earlier forwards left
             if state is not None:
                 out = out + (q * (log_gamma * (steps + 1)).exp()[..., None]) @ state
             else:
                 state = q.new_zeros(batch, self.num_heads, self.head_dim, self.head_dim)
             weights = (log_gamma * (length - 1 - steps)).exp()[..., None]  # gamma^(T-1-j)
-            cache.states["state"] = (
+            slot.states["state"] = (
                 state * (log_gamma * length).exp()[..., None] + (k * weights).transpose(-1, -2) @ v
             )
-            cache.advance(length)
+            slot.advance(length)
 
         out = out.transpose(1, 2).reshape(batch, length, -1).to(hidden_states.dtype)
         return self.o_proj(out), None

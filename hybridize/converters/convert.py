@@ -9,15 +9,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hybridize.compat import no_init_weights
 from hybridize.converters.discovery import attention_spec, find_decoder_layout
 from hybridize.converters.hybrid_model import PLAN_KEY, hybrid_config_class, hybrid_model_class
 from hybridize.converters.plan import LayerPlan
 from hybridize.mixers.registry import get_mixer_class, mixer_config
-
-try:  # transformers >= 5
-    from transformers.initialization import no_init_weights
-except ImportError:  # pragma: no cover - older layouts
-    from transformers.modeling_utils import no_init_weights
 
 
 @dataclass

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hybridize.compat import auto_model_class
 from hybridize.mixers.base import AttentionSpec, TokenMixer
 
 ATTENTION_ATTRIBUTE = "self_attn"
@@ -97,7 +98,7 @@ def layer_specs(config) -> list[AttentionSpec]:
     instance: the check that a model can be converted, before any weights are loaded."""
     from hybridize.converters.hybrid_model import generation_auto_class
 
-    model_class = generation_auto_class(type(config))._model_mapping[type(config)]
+    model_class = auto_model_class(generation_auto_class(type(config)), type(config))
     with torch.device("meta"):
         model = model_class._from_config(config)
     layout = find_decoder_layout(model)

@@ -21,11 +21,8 @@ from transformers import (
     AutoModelForImageTextToText,
     PreTrainedConfig,
 )
-from transformers.conversion_mapping import (
-    get_checkpoint_conversion_mapping,
-    register_checkpoint_conversion_mapping,
-)
 
+from hybridize.compat import auto_model_class, copy_checkpoint_conversion
 from hybridize.converters.discovery import attention_spec, find_decoder_layout
 from hybridize.converters.plan import LayerPlan
 from hybridize.mixers.base import TokenMixer
@@ -107,17 +104,9 @@ def hybrid_model_class(base_model_class: type[nn.Module]) -> type[nn.Module]:
             "__module__": __name__,
         },
     )
-    mapping = get_checkpoint_conversion_mapping(base_model_class.__name__)
-    if mapping is None:
-        mapping = get_checkpoint_conversion_mapping(base_model_class.config_class.model_type)
-    if mapping is not None:
-        register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
+    copy_checkpoint_conversion(base_model_class, name)
     for auto_class in AUTO_CLASSES:
-        try:
-            registered = auto_class._model_mapping[base_model_class.config_class]
-        except KeyError:
-            continue
-        if registered is base_model_class:
+        if auto_model_class(auto_class, base_model_class.config_class) is base_model_class:
             auto_class.register(config_class, model_class, exist_ok=True)
     return model_class
 
@@ -130,14 +119,14 @@ def register_hybrid_family(base_model_type: str):
         )
     base_config_class = CONFIG_MAPPING[base_model_type]
     auto_class = generation_auto_class(base_config_class)
-    hybrid_model_class(auto_class._model_mapping[base_config_class])
+    hybrid_model_class(auto_model_class(auto_class, base_config_class))
     return auto_class
 
 
 def generation_auto_class(config_class: type[PreTrainedConfig]):
     """The Auto class that builds the generation model (ForConditionalGeneration / ForCausalLM) of a config class."""
     for auto_class in AUTO_CLASSES:
-        if config_class in auto_class._model_mapping:
+        if auto_model_class(auto_class, config_class) is not None:
             return auto_class
     raise ValueError(
         f"No image-text-to-text or causal-LM model class is registered for {config_class.model_type!r}."

@@ -25,9 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from hybridize.compat import (
+    GENERATE_LOOP_KWARGS,
+    attention_implementation,
+    cache_argument,
+    causal_mask,
+    configured_attention,
+    generation_cache,
+    generation_position_ids,
+    pad_token_tensor,
+    sdpa_attention_forward,
+    sliding_window_causal_mask,
+)
 from hybridize.converters.discovery import find_decoder_layout
 from hybridize.inference.fusion import fuse_projections
 from hybridize.inference.static_cache import FULL, SLIDING, StaticHybridCache
@@ -104,14 +114,10 @@ def _attention_configs(model: nn.Module) -> list:
 @contextlib.contextmanager
 def _decode_attention(configs: list) -> Iterator[None]:
     """Attention modules call `grouped_decode_attention` inside this block (their configs are restored after)."""
-    saved = [config._attn_implementation for config in configs]
-    try:
+    with contextlib.ExitStack() as stack:
         for config in configs:
-            config._attn_implementation = DECODE_ATTENTION
+            stack.enter_context(attention_implementation(config, DECODE_ATTENTION))
         yield
-    finally:
-        for config, implementation in zip(configs, saved, strict=True):
-            config._attn_implementation = implementation
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -141,7 +147,7 @@ class StaticDecoder:
     ):
         layout = find_decoder_layout(model)
         self.text_config = layout.decoder.config
-        implementation = self.text_config._attn_implementation
+        implementation = configured_attention(self.text_config)
         if implementation not in SUPPORTED_ATTENTION:
             raise ValueError(
                 f"Static decoding runs models with attn_implementation in {SUPPORTED_ATTENTION}, got "
@@ -199,14 +205,14 @@ class StaticDecoder:
         native_sliding = [idx for idx in sliding if self._layer_types()[idx] == "sliding_attention"]
         masks = {}
         if full:
-            masks["full_attention"] = create_causal_mask(**common, past_key_values=cache, layer_idx=full[0])
+            masks["full_attention"] = causal_mask(**common, cache=cache, layer_idx=full[0])
         else:
             # Only mixers (linear, or sliding-window ones building their own masks) read it, for the new
             # tokens' padding: a (B, 1, 1, T) mask instead of one over the whole context.
             masks["full_attention"] = attention_mask[:, None, None, -length:].bool()
         if native_sliding:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(
-                **common, past_key_values=cache, layer_idx=native_sliding[0]
+            masks["sliding_attention"] = sliding_window_causal_mask(
+                **common, cache=cache, layer_idx=native_sliding[0]
             )
         return masks
 
@@ -225,11 +231,7 @@ class StaticDecoder:
         """Position ids of new tokens as `generate()` makes them: from the padding mask on an empty cache (M-RoPE
         models add their vision positions and remember `rope_deltas`), else continuing the cache's positions."""
         if self.cache.seen_tokens == 0:
-            prepare = getattr(self.model, "_prepare_position_ids_for_generation", None)
-            if prepare is not None:
-                return prepare(input_ids, {"attention_mask": attention_mask, **model_inputs})
-            positions = attention_mask.long().cumsum(-1) - 1
-            return positions.masked_fill(attention_mask == 0, 0)
+            return generation_position_ids(self.model, input_ids, attention_mask, **model_inputs)
         if self.cache.position is None:
             raise RuntimeError("The cache holds tokens but no positions; fill it with StaticDecoder.prefill.")
         steps = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -289,8 +291,8 @@ class StaticDecoder:
                 input_ids=input_ids[:, start:stop],
                 attention_mask=self._prefill_masks(so_far, stop - start),
                 position_ids=position_ids[..., start:stop],
-                past_key_values=self.cache,
                 use_cache=True,
+                **cache_argument(self.cache),
                 **self._logits_to_keep,
                 **inputs,
             )
@@ -311,8 +313,8 @@ class StaticDecoder:
                     input_ids=self.tokens,
                     attention_mask=self._decode_masks,
                     position_ids=cache.position,
-                    past_key_values=cache,
                     use_cache=True,
+                    **cache_argument(cache),
                 ).logits
                 cache.end_decode_step()
         finally:
@@ -352,10 +354,6 @@ class StaticDecoder:
         return self.logits[:, -1]
 
 
-# Keyword arguments generate() keeps for itself or that only its own loop uses.
-_NOT_MODEL_INPUTS = ("past_key_values", "use_cache", "logits_to_keep", "synced_gpus", "streamer")
-
-
 @torch.no_grad()
 def static_generate(
     model: nn.Module,
@@ -390,8 +388,8 @@ def static_generate(
         raise ValueError(f"sync_every must be a positive number of steps, got {sync_every}.")
     batch, prompt_length = input_ids.shape
     new_tokens = generation_config.max_length - prompt_length
-    user_cache = model_kwargs.get("past_key_values")
-    inputs = {key: value for key, value in model_kwargs.items() if key not in _NOT_MODEL_INPUTS}
+    user_cache = generation_cache(model_kwargs)
+    inputs = {key: value for key, value in model_kwargs.items() if key not in GENERATE_LOOP_KWARGS}
     if decoder is None:
         if isinstance(user_cache, StaticHybridCache):
             cache = user_cache
@@ -403,7 +401,7 @@ def static_generate(
     decoder.cache.check_room(prompt_length + max(new_tokens - 1, 0))
 
     logits = decoder.prefill(input_ids, chunk_size=prefill_chunk_size, **inputs)
-    pad_token_id = generation_config._pad_token_tensor
+    pad_token_id = pad_token_tensor(generation_config)
     has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
     sequences = torch.empty(
         batch, generation_config.max_length, dtype=input_ids.dtype, device=input_ids.device

@@ -8,9 +8,6 @@ boolean masks, which cuDNN and the efficient kernel compute in full.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -65,15 +62,3 @@ def flash_attention(
         window_size_left=window_left,
         window_size_right=0 if causal else None,
     )[0]
-
-
-@contextlib.contextmanager
-def attention_implementation(config, name: str) -> Iterator[None]:
-    """`config` names the attention implementation `name` inside the block (its setter recurses into
-    sub-configs), and what it named before after it, also when the block raises."""
-    saved = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = saved

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicLayer
 
+from hybridize.compat import Cache, DynamicLayer
 from hybridize.converters.discovery import attention_spec, find_decoder_layout
 from hybridize.mixers.base import TokenMixer
 from hybridize.mixers.cache import MixerCacheLayer

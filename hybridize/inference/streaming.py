@@ -50,12 +50,20 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from hybridize.compat import (
+    attention_implementation,
+    cache_argument,
+    causal_mask,
+    configured_attention,
+    is_qwen2_5_vision,
+    qwen2_5_vision_index_tensors,
+    sliding_window_causal_mask,
+)
 from hybridize.converters.discovery import find_decoder_layout
 from hybridize.inference.chat import import_av
 from hybridize.inference.decode import SUPPORTED_ATTENTION, StaticDecoder
-from hybridize.inference.flash import attention_implementation, flash_kernel_usable
+from hybridize.inference.flash import flash_kernel_usable
 from hybridize.inference.fusion import fuse_projections
 from hybridize.inference.static_cache import StaticHybridCache
 from hybridize.inference.vision_attention import BlockDiagonalMasks, packed_attention_on
@@ -202,9 +210,9 @@ class FrameEncoder:
             )
         self.grid_thw = torch.tensor([[1, size[0] // self.patch, size[1] // self.patch]], device=device)
         self.packed_attention = (
-            packed_attention and is_qwen2_5_vision(visual) and visual.config._attn_implementation == "sdpa"
+            packed_attention and is_qwen2_5_vision(visual) and configured_attention(visual.config) == "sdpa"
         )
-        self.vision_kwargs = vision_index_tensors(
+        self.vision_kwargs = qwen2_5_vision_index_tensors(
             visual, self.grid_thw, varlen=True if self.packed_attention else None
         )
         if self.packed_attention:
@@ -268,53 +276,6 @@ class FrameEncoder:
         self.input.copy_(pixels)
         self.graph.replay()
         return self.output
-
-
-def is_qwen2_5_vision(visual) -> bool:
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
-    return isinstance(visual, Qwen2_5_VisionTransformerPretrainedModel)
-
-
-def vision_index_tensors(visual, grid_thw: torch.Tensor, varlen: bool | None = None) -> dict[str, Any]:
-    """The ViT's grid-dependent index tensors, computed once for a fixed frame size.
-
-    Qwen2.5-VL's vision tower accepts them precomputed (transformers.vision_utils); computed on every call they
-    need host syncs (`.tolist()`), which a CUDA graph cannot hold. varlen: for the attention's varlen (flash)
-    branch, which reads the boundaries on the device and their largest segment as an int (default: when the
-    tower's attention implementation is a flash one). Otherwise the ViT only splits its sequence at the
-    boundaries, so those stay on the CPU. Other vision towers get none.
-    """
-    from transformers.utils.generic import is_flash_attention_requested
-    from transformers.vision_utils import (
-        get_vision_cu_seqlens,
-        get_vision_position_ids,
-        get_vision_window_index,
-    )
-
-    if not is_qwen2_5_vision(visual):
-        return {}
-    merge = visual.spatial_merge_size
-    window_index, cu_window_seqlens = get_vision_window_index(
-        grid_thw, spatial_merge_size=merge, window_size=visual.window_size, patch_size=visual.patch_size
-    )
-    cu_seqlens = get_vision_cu_seqlens(grid_thw)
-    # window_index is built on the CPU: indexing a device tensor with it would copy it over on every call
-    kwargs = dict(
-        position_ids=get_vision_position_ids(grid_thw, merge), window_index=window_index.to(grid_thw.device)
-    )
-    if varlen is None:
-        varlen = is_flash_attention_requested(visual.config)
-    if varlen:
-        kwargs.update(
-            cu_seqlens=cu_seqlens,
-            cu_window_seqlens=cu_window_seqlens,
-            max_seqlen=int((cu_seqlens[1:] - cu_seqlens[:-1]).max()),
-            max_window_seqlen=int((cu_window_seqlens[1:] - cu_window_seqlens[:-1]).max()),
-        )
-    else:
-        kwargs.update(cu_seqlens=cu_seqlens.cpu(), cu_window_seqlens=cu_window_seqlens.cpu())
-    return kwargs
 
 
 # ----------------------------------------------------------------------------------------------- cache
@@ -399,9 +360,9 @@ class StreamState:
                 )
                 continue
             if layer_type == "sliding_attention":
-                build = create_sliding_window_causal_mask
+                build = sliding_window_causal_mask
             elif self.full_attention_mask:
-                build = create_causal_mask
+                build = causal_mask
             else:
                 masks[layer_type] = None
                 continue
@@ -409,7 +370,7 @@ class StreamState:
                 config=self.text_config,
                 inputs_embeds=embeds,
                 attention_mask=None,
-                past_key_values=self.cache,
+                cache=self.cache,
                 position_ids=None,
             )
         return masks
@@ -427,8 +388,8 @@ class StreamState:
             inputs_embeds=embeds,
             position_ids=positions,
             attention_mask=masks,
-            past_key_values=self.cache,
             use_cache=True,
+            **cache_argument(self.cache),
         )
         return out.last_hidden_state[:, -1]
 
@@ -811,7 +772,7 @@ class StreamingSession:
         )
         # Fixed windows and the static answer cache both need a fixed-size cache and an attention
         # implementation whose masks they can replace.
-        implementation = model.config.get_text_config(decoder=True)._attn_implementation
+        implementation = configured_attention(model.config.get_text_config(decoder=True))
         self.window_cache = not self.growing and implementation in SUPPORTED_ATTENTION
         if static_decode is None:
             static_decode = device.type == "cuda" and self.window_cache

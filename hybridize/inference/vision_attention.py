@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
-from hybridize.inference.flash import attention_implementation, flash_attention
+from hybridize.compat import attention_implementation
+from hybridize.inference.flash import flash_attention
 
 # transformers takes the varlen branch (cu_seqlens passed, no split per window) only for implementations whose name
 # contains "flash" (`is_flash_attention_requested`), so the name carries the word though no flash-attn kernel runs.

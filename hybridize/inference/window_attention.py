@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
-from transformers.cache_utils import DynamicSlidingWindowLayer
 
+from hybridize.compat import DynamicSlidingWindowLayer
 from hybridize.inference.flash import flash_attention
 
 WINDOW_ATTENTION = "hybridize_window_attention"

@@ -36,6 +36,12 @@ from PIL import Image, ImageOps
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, SequentialSampler
 from tqdm.auto import tqdm
 
+from hybridize.compat import (
+    has_image_token_counter,
+    num_image_tokens,
+    qwen2_vl_smart_resize,
+    returns_mm_token_type_ids,
+)
 from hybridize.inference.chat import import_av
 
 logger = logging.getLogger(__name__)
@@ -528,7 +534,7 @@ class ChatEncoder:
             if self.tokenizer.unk_token_id not in wrapper_ids and None not in wrapper_ids
             else None
         )
-        self.returns_mm_token_type_ids = bool(getattr(processor, "return_mm_token_type_ids", False))
+        self.returns_mm_token_type_ids = returns_mm_token_type_ids(processor)
         self.qwen_vl = _is_qwen_vl(processor)
         self.uses_second_per_grid_ts = "second_per_grid_ts" in getattr(processor, "model_input_names", ())
         self.counts_from_sizes = self._has_size_counter()
@@ -700,17 +706,13 @@ class ChatEncoder:
     def _has_size_counter(self) -> bool:
         if "image" not in self.token_ids:
             return False
-        try:
-            return bool(self.processor._get_num_multimodal_tokens(image_sizes=[(56, 56)])["num_image_tokens"])
-        except (AttributeError, NotImplementedError, TypeError, KeyError):
-            return False
+        return has_image_token_counter(self.processor)
 
     def _image_token_count(self, height: int, width: int) -> int:
         try:
-            counts = self.processor._get_num_multimodal_tokens(image_sizes=[(height, width)])
+            return int(num_image_tokens(self.processor, height, width))
         except ValueError as error:  # e.g. an aspect ratio over 200
             raise BadSample("unreadable_media", f"image of {width}x{height} pixels: {error}") from None
-        return int(counts["num_image_tokens"][0])
 
     def _load_images(self, paths: list[Path]) -> tuple[list[int], dict]:
         images = []
@@ -749,12 +751,10 @@ class ChatEncoder:
         return {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]}
 
     def _video_grid(self, plan: VideoPlan) -> tuple[torch.Tensor, int]:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
         processor = self.image_processor
         factor = processor.patch_size * processor.merge_size
         size = self.video_size
-        height, width = smart_resize(
+        height, width = qwen2_vl_smart_resize(
             plan.height, plan.width, factor, size["shortest_edge"], size["longest_edge"]
         )
         grid = torch.tensor(

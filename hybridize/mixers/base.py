@@ -1,9 +1,11 @@
 """The mixer contract: what a token mixer receives from the decoder layer and what it knows of its teacher.
 
 A mixer takes the place of a decoder layer's `self_attn`. Transformers 5.x decoder layers call
-`self_attn(hidden_states=..., attention_mask=..., position_ids=..., past_key_values=..., use_cache=...,
+`self_attn(hidden_states=..., attention_mask=..., position_ids=..., <cache>=..., use_cache=...,
 position_embeddings=(cos, sin), **kwargs)` with keywords only and use the first returned value, so a mixer
-returns `(output, None)` with output shaped like hidden_states.
+returns `(output, None)` with output shaped like hidden_states. The cache keyword is `past_key_values` up to
+transformers 5.23 and `cache` from 5.24; `TokenMixer.__call__` hands it to `forward` as `cache` on every
+version (`hybridize.compat.pop_cache`), so mixers are written once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from hybridize.compat import pop_cache
 from hybridize.mixers.cache import mixer_cache_layer
 from hybridize.mixers.masks import key_padding_mask
 
@@ -88,6 +91,7 @@ class TokenMixer(nn.Module):
         self.layer_idx = layer_idx
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        kwargs["cache"] = pop_cache(kwargs)
         boundaries = kwargs.get("cu_seq_lens_q")
         if boundaries is None or self.supports_packing:
             return super().__call__(*args, **kwargs)
@@ -98,7 +102,7 @@ class TokenMixer(nn.Module):
     ) -> tuple[torch.Tensor, None]:
         """Packed sequences (transformers' flash-attention packing kwargs: `cu_seq_lens_q` holds the sequence
         boundaries over the flattened batch): run the mixer on each sequence alone, from an empty state."""
-        if kwargs.get("past_key_values") is not None and kwargs.get("use_cache"):
+        if kwargs.get("cache") is not None and kwargs.get("use_cache"):
             raise ValueError(
                 "Packed sequences (cu_seq_lens_q) are a training input; generation with a cache takes one "
                 "sequence per row (pad instead of packing)."
@@ -117,7 +121,7 @@ class TokenMixer(nn.Module):
             )
         dropped = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids")
         common = {key: value for key, value in kwargs.items() if key not in dropped}
-        common.update(attention_mask=None, past_key_values=None, use_cache=False)
+        common.update(attention_mask=None, cache=None, use_cache=False)
         outputs = []
         for start, end in zip(bounds[:-1], bounds[1:], strict=False):
             if end > start:
@@ -131,11 +135,13 @@ class TokenMixer(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
+        """`cache`: the model's transformers cache (None without one); a recurrent mixer keeps its state in this
+        layer's slot of it (`begin_recurrent_forward`, `hybridize.mixers.cache.mixer_cache_layer`)."""
         raise NotImplementedError
 
     def reset_parameters(self) -> None:
@@ -147,7 +153,7 @@ class TokenMixer(nn.Module):
         """Initialise from the teacher attention module this mixer replaces, following `policy`."""
         raise NotImplementedError
 
-    def begin_recurrent_forward(self, hidden_states, attention_mask, past_key_values):
+    def begin_recurrent_forward(self, hidden_states, attention_mask, cache):
         """The common start of a recurrent mixer's forward: recover padding from the attention mask and zero
         the padded positions' inputs, and find this layer's state slot in the cache.
 
@@ -158,8 +164,8 @@ class TokenMixer(nn.Module):
         valid = key_padding_mask(attention_mask, hidden_states.shape[1])
         if valid is not None:
             hidden_states = hidden_states * valid[..., None].to(hidden_states.dtype)
-        cache = mixer_cache_layer(past_key_values, self.layer_idx)
-        return hidden_states, valid, cache, (cache.states if cache is not None else {})
+        slot = mixer_cache_layer(cache, self.layer_idx)
+        return hidden_states, valid, slot, (slot.states if slot is not None else {})
 
     def project_inputs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The `input_projections` of hidden_states: one matrix product when they are fused and autograd is off

@@ -11,7 +11,8 @@ Qwen2-family mask lookup, and transformers' own linear-attention slots cannot re
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicLayer
+
+from hybridize.compat import DynamicLayer
 
 
 class MixerCacheLayer(DynamicLayer):
@@ -88,13 +89,13 @@ class MixerCacheLayer(DynamicLayer):
                 self._map_states(lambda s: s.to(self.device, non_blocking=True))
 
 
-def mixer_cache_layer(past_key_values, layer_idx: int) -> MixerCacheLayer | None:
-    """This layer's mixer slot in `past_key_values`, swapped in on first use; None without a cache."""
-    if past_key_values is None:
+def mixer_cache_layer(cache, layer_idx: int) -> MixerCacheLayer | None:
+    """This layer's mixer slot in the model's `cache`, swapped in on first use; None without a cache."""
+    if cache is None:
         return None
-    layers = past_key_values.layers
+    layers = cache.layers
     while len(layers) <= layer_idx:  # caches built without a config grow their slots lazily
-        layers.append(past_key_values.layer_class_to_replicate())
+        layers.append(cache.layer_class_to_replicate())
     if not isinstance(layers[layer_idx], MixerCacheLayer):
         if layers[layer_idx].get_seq_length() > 0:
             raise RuntimeError(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hybridize.compat import cache_argument
 from hybridize.mixers.base import MixerConfig, TokenMixer
 from hybridize.mixers.registry import register_mixer
 
@@ -41,5 +42,5 @@ class FullAttentionMixer(TokenMixer):
     def initialize_from_teacher(self, teacher_attention: nn.Module, policy: str) -> None:
         self.attention.load_state_dict(teacher_attention.state_dict())
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, None]:
-        return self.attention(hidden_states=hidden_states, **kwargs)[0], None
+    def forward(self, hidden_states: torch.Tensor, cache=None, **kwargs) -> tuple[torch.Tensor, None]:
+        return self.attention(hidden_states=hidden_states, **cache_argument(cache), **kwargs)[0], None

@@ -164,15 +164,15 @@ class GatedDeltaNetMixer(TokenMixer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         batch, length, _ = hidden_states.shape
         # Zeroed inputs with beta = 0 and g = 0 leave conv and recurrent states exactly as unpadded.
-        hidden_states, valid, cache, states = self.begin_recurrent_forward(
-            hidden_states, attention_mask, past_key_values
+        hidden_states, valid, slot, states = self.begin_recurrent_forward(
+            hidden_states, attention_mask, cache
         )
 
         q, k, v, a, b, gate = self.project_inputs(hidden_states)
@@ -196,12 +196,12 @@ class GatedDeltaNetMixer(TokenMixer):
             g,
             beta,
             initial_state=states.get("recurrent"),
-            output_final_state=cache is not None,
+            output_final_state=slot is not None,
             backend=self.config.backend,
         )
-        if cache is not None:
-            cache.store(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v, recurrent=recurrent)
-            cache.advance(length)
+        if slot is not None:
+            slot.store(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v, recurrent=recurrent)
+            slot.advance(length)
 
         gate = gate.view(batch, length, self.num_heads, self.head_v_dim)
         out = self.o_norm(out, gate).reshape(batch, length, -1)

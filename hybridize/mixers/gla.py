@@ -145,7 +145,7 @@ class GLAMixer(TokenMixer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
@@ -153,8 +153,8 @@ class GLAMixer(TokenMixer):
         batch, length, _ = hidden_states.shape
         # Zeroed inputs give k = 0 (nothing written) and zero conv inputs; with gk = 0 below nothing decays
         # either, so left padding leaves the conv and recurrent states exactly as without it.
-        hidden_states, valid, cache, states = self.begin_recurrent_forward(
-            hidden_states, attention_mask, past_key_values
+        hidden_states, valid, slot, states = self.begin_recurrent_forward(
+            hidden_states, attention_mask, cache
         )
 
         q, k, v, gate = self.project_inputs(hidden_states)
@@ -177,14 +177,14 @@ class GLAMixer(TokenMixer):
             v,
             gk,
             initial_state=states.get("recurrent"),
-            output_final_state=cache is not None,
+            output_final_state=slot is not None,
             backend=self.config.backend,
         )
-        if cache is not None:
-            cache.store(recurrent=recurrent)  # (B, H, K, V) fp32
+        if slot is not None:
+            slot.store(recurrent=recurrent)  # (B, H, K, V) fp32
             if self.config.use_short_conv:
-                cache.store(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v)
-            cache.advance(length)
+                slot.store(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v)
+            slot.advance(length)
 
         gate = gate.view(batch, length, self.num_heads, self.head_v_dim)
         out = self.g_norm_swish_gate(out, gate).reshape(batch, length, -1)

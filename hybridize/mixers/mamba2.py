@@ -167,7 +167,7 @@ class Mamba2Mixer(TokenMixer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
@@ -175,8 +175,8 @@ class Mamba2Mixer(TokenMixer):
         batch, length, _ = hidden_states.shape
         # Zeroed inputs give zero conv inputs, and dt = 0 leaves the SSM state untouched: both states end
         # exactly as without the (left) padding.
-        hidden_states, valid, cache, states = self.begin_recurrent_forward(
-            hidden_states, attention_mask, past_key_values
+        hidden_states, valid, slot, states = self.begin_recurrent_forward(
+            hidden_states, attention_mask, cache
         )
 
         # (B, T, hidden) -> z (B, T, H*P), xBC (B, T, H*P + 2*G*N), dt (B, T, H)
@@ -197,12 +197,12 @@ class Mamba2Mixer(TokenMixer):
             Cm.view(batch, length, self.num_groups, self.state_size),
             D=self.D,
             initial_state=states.get("ssm"),
-            output_final_state=cache is not None,
+            output_final_state=slot is not None,
             backend=self.config.backend,
         )
-        if cache is not None:
-            cache.store(conv=conv_state, ssm=ssm_state)
-            cache.advance(length)
+        if slot is not None:
+            slot.store(conv=conv_state, ssm=ssm_state)
+            slot.advance(length)
 
         y = self.norm(y.reshape(batch, length, self.inner_size), z)
         return self.out_proj(y), None

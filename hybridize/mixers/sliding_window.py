@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicSlidingWindowLayer
 
+from hybridize.compat import DynamicSlidingWindowLayer, cache_argument, configured_attention
 from hybridize.mixers.base import AttentionSpec, MixerConfig, TokenMixer
 from hybridize.mixers.masks import key_padding_mask
 from hybridize.mixers.registry import register_mixer
@@ -89,12 +89,12 @@ class SlidingWindowMixer(TokenMixer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values=None,
+        cache=None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        slot = self._cache_slot(past_key_values)
+        slot = self._cache_slot(cache)
         decode_mask = getattr(slot, "decode_mask", None)
         if decode_mask is not None:
             # A static cache's decode step (hybridize.inference.static_cache): its ring buffer of `window` slots
@@ -106,8 +106,8 @@ class SlidingWindowMixer(TokenMixer):
             hidden_states=hidden_states,
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **cache_argument(cache),
             position_embeddings=position_embeddings,
             **kwargs,
         )
@@ -138,12 +138,12 @@ class SlidingWindowMixer(TokenMixer):
             return attention_mask
         return self._sliding_mask(keys_valid, seen, length, kv_offset, hidden_states)
 
-    def _cache_slot(self, past_key_values):
-        if past_key_values is None:
+    def _cache_slot(self, cache):
+        if cache is None:
             return None
-        layers = past_key_values.layers
+        layers = cache.layers
         while len(layers) <= self.layer_idx:
-            layers.append(past_key_values.layer_class_to_replicate())
+            layers.append(cache.layer_class_to_replicate())
         if not getattr(layers[self.layer_idx], "is_sliding", False):  # dynamic window or static ring buffer
             if layers[self.layer_idx].get_seq_length() > 0:
                 raise RuntimeError(
@@ -161,7 +161,7 @@ class SlidingWindowMixer(TokenMixer):
         allowed = allowed[None, None] & keys_valid[:, None, None, :]
         # A padding query with no real key in reach would give NaN in SDPA; let it see everything instead.
         allowed = allowed | ~allowed.any(-1, keepdim=True)
-        implementation = getattr(self.attention.config, "_attn_implementation", "sdpa")
+        implementation = configured_attention(self.attention.config)
         if implementation == "sdpa":
             return allowed
         if implementation == "eager":

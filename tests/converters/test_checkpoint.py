@@ -15,6 +15,8 @@ from hybridize.converters import load_base_model, read_plan, save_hybrid
 from hybridize.inference.chat import chat_inputs
 from tests.conftest import make_image
 
+pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
+
 
 @pytest.fixture(scope="module")
 def saved_hybrid(tiny_teacher, tiny_hybrid, tmp_path_factory):

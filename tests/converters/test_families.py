@@ -16,6 +16,8 @@ from hybridize.mixers import TokenMixer
 from hybridize.presets import SPECIAL_TOKEN_IDS, TINY_CONFIGS, tiny_model
 from tests.conftest import make_image
 
+pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
+
 LAYERS = 4
 MIXERS = ["gated_deltanet", "mamba2", "gla", "sliding_window", "full_attention"]
 NEW_TOKENS = 6

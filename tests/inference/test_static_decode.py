@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
+from hybridize.compat import configured_attention
 from hybridize.converters import convert, plan_layers
 from hybridize.inference.decode import (
     DECODE_ATTENTION,
@@ -20,6 +21,8 @@ from hybridize.inference.decode import (
 from hybridize.inference.static_cache import FULL, LINEAR, SLIDING, StaticHybridCache
 from hybridize.presets import tiny_model
 from tests.inference.test_generation import left_padded_image_batch
+
+pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
 
 NEW_TOKENS = 8
 
@@ -154,7 +157,7 @@ def test_copy_from_restores_a_branch(llama_hybrid, monkeypatch):
     replayed.append(decoder.step(replayed[-1].argmax(-1)).clone())
     for got, want in zip(replayed, expected, strict=True):
         assert torch.equal(got, want)
-    assert len(calls) == 5 * 3 and llama_hybrid.config._attn_implementation == "sdpa"
+    assert len(calls) == 5 * 3 and configured_attention(llama_hybrid.config) == "sdpa"
 
 
 def test_bad_inputs_fail_before_any_work(llama_hybrid):

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from hybridize.cli import main
+from hybridize.compat import configured_attention, output_cache, set_attention_implementation
 from hybridize.converters import convert, plan_layers, save_hybrid
 from hybridize.inference import streaming
 from hybridize.inference.streaming import (
@@ -24,6 +25,8 @@ from hybridize.inference.streaming import (
     video_duration,
 )
 from hybridize.inference.vision_attention import PACKED_ATTENTION
+
+pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
 
 QUESTION = "What changed?"
 
@@ -93,8 +96,8 @@ def test_frame_by_frame_equals_one_shot_prefill(request, tiny_teacher, model_nam
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
     if model_name == "hybrid64" and count == 14:
-        assert 64 < out.past_key_values.get_seq_length()  # the window filled and slid
-    assert_same_states(session.state.cache, out.past_key_values)
+        assert 64 < output_cache(out).get_seq_length()  # the window filled and slid
+    assert_same_states(session.state.cache, output_cache(out))
     torch.testing.assert_close(session.next_token_logits(), out.logits[:, -1].float())
 
 
@@ -156,7 +159,7 @@ def test_packed_vision_attention_equals_the_split_per_window(request, tiny_teach
     visual = model.model.visual
     seen = []
     hook = visual.blocks[0].attn.register_forward_pre_hook(
-        lambda module, args: seen.append(module.config._attn_implementation)
+        lambda module, args: seen.append(configured_attention(module.config))
     )
     frame = frames(1, size)[0]
     try:
@@ -166,7 +169,7 @@ def test_packed_vision_attention_equals_the_split_per_window(request, tiny_teach
             stock = visual(rows, grid_thw=packed.grid_thw).pooler_output  # split per window by transformers
     finally:
         hook.remove()
-    assert seen == [PACKED_ATTENTION, "sdpa", "sdpa"] and visual.config._attn_implementation == "sdpa"
+    assert seen == [PACKED_ATTENTION, "sdpa", "sdpa"] and configured_attention(visual.config) == "sdpa"
     masks = packed.vision_kwargs["block_diagonal_masks"].entries
     assert len(masks) == 1  # the windowed layers' mask, built once; the full-attention layer needs none
     torch.testing.assert_close(embeds, reference)
@@ -179,7 +182,7 @@ def test_packed_vision_attention_is_undone_when_encoding_fails(tiny_hybrid, tiny
     packed, _ = frame_encoders(tiny_hybrid, tiny_teacher[1], (56, 56))
 
     def fail(module, args):
-        assert module.attn.config._attn_implementation == PACKED_ATTENTION
+        assert configured_attention(module.attn.config) == PACKED_ATTENTION
         raise RuntimeError("vision block failed")
 
     hook = visual.blocks[-1].register_forward_pre_hook(fail)
@@ -188,17 +191,17 @@ def test_packed_vision_attention_is_undone_when_encoding_fails(tiny_hybrid, tiny
             packed(frames(1)[0])
     finally:
         hook.remove()
-    assert visual.config._attn_implementation == "sdpa"
-    assert tiny_hybrid.config.get_text_config(decoder=True)._attn_implementation == "sdpa"
+    assert configured_attention(visual.config) == "sdpa"
+    assert configured_attention(tiny_hybrid.config.get_text_config(decoder=True)) == "sdpa"
 
 
 def test_flash_vision_attention_is_left_alone(tiny_hybrid, tiny_teacher):
     config = tiny_hybrid.model.visual.config
-    config._attn_implementation = "flash_attention_2"
+    set_attention_implementation(config, "flash_attention_2")
     try:
         encoder, _ = frame_encoders(tiny_hybrid, tiny_teacher[1], (56, 56))
     finally:
-        config._attn_implementation = "sdpa"
+        set_attention_implementation(config, "sdpa")
     assert not encoder.packed_attention and "block_diagonal_masks" not in encoder.vision_kwargs
     assert encoder.vision_kwargs["max_window_seqlen"] == 16
 

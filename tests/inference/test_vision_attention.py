@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
+from hybridize.compat import configured_attention
 from hybridize.inference.flash import flash_kernel_usable
 from hybridize.inference.vision_attention import (
     PACKED_ATTENTION,
@@ -135,8 +136,8 @@ def test_packed_attention_is_registered_under_a_flash_name():
 
 def test_packed_attention_on_restores_the_config(tiny_teacher):
     config = tiny_teacher[0].model.visual.config
-    assert config._attn_implementation == "sdpa"
+    assert configured_attention(config) == "sdpa"
     with pytest.raises(RuntimeError, match="inside"), packed_attention_on(config):
-        assert config._attn_implementation == PACKED_ATTENTION
+        assert configured_attention(config) == PACKED_ATTENTION
         raise RuntimeError("inside")
-    assert config._attn_implementation == "sdpa"
+    assert configured_attention(config) == "sdpa"

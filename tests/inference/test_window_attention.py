@@ -13,6 +13,8 @@ from hybridize.inference.flash import flash_kernel_usable
 from hybridize.inference.window_attention import FixedWindowLayer, WindowKeys, window_attention
 from tests.conftest import relative_rms
 
+pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
+
 CHUNKS = [5, 1, 7, 3, 9, 1, 12, 2]  # shorter and longer than the window, single tokens between
 
 

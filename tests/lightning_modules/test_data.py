@@ -25,6 +25,8 @@ from hybridize.lightning_modules.data import (
 from hybridize.lightning_modules.synthetic import write_synthetic_chat_data
 from hybridize.presets import tiny_model, tiny_model_with_tokenizer, tiny_qwen2_5_vl_processor
 
+pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
+
 MERGE = 4  # spatial_merge_size ** 2 of the tiny Qwen2.5-VL
 
 

@@ -10,6 +10,8 @@ from hybridize.mixers import AttentionSpec, GatedDeltaNetConfig, MixerCacheLayer
 from hybridize.presets import QWEN2_5_VL_3B_ATTENTION
 from tests.conftest import relative_rms
 
+pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
+
 TINY = AttentionSpec(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True)
 
 
@@ -50,8 +52,8 @@ def test_prefill_in_pieces_with_cache_equals_one_pass():
     with torch.no_grad():
         whole, _ = mixer(x)
         cache = DynamicCache()
-        pieces = [mixer(x[:, :9], past_key_values=cache)[0]]
-        pieces += [mixer(x[:, t : t + 1], past_key_values=cache)[0] for t in range(9, 23)]
+        pieces = [mixer(x[:, :9], cache=cache)[0]]
+        pieces += [mixer(x[:, t : t + 1], cache=cache)[0] for t in range(9, 23)]
     slot = cache.layers[1]
     assert isinstance(slot, MixerCacheLayer) and slot.get_seq_length() == 23
     assert slot.states["recurrent"].dtype == torch.float32

@@ -15,6 +15,8 @@ from hybridize.mixers.gla import GLAConfig
 from hybridize.presets import QWEN2_5_VL_3B_ATTENTION
 from tests.conftest import relative_rms
 
+pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
+
 TINY = AttentionSpec(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True)
 
 
@@ -106,8 +108,8 @@ def test_prefill_in_pieces_with_cache_equals_one_pass(use_short_conv):
     with torch.no_grad():
         whole, _ = mixer(x)
         cache = DynamicCache()
-        pieces = [mixer(x[:, :5], past_key_values=cache)[0], mixer(x[:, 5:12], past_key_values=cache)[0]]
-        pieces += [mixer(x[:, t : t + 1], past_key_values=cache)[0] for t in range(12, 23)]
+        pieces = [mixer(x[:, :5], cache=cache)[0], mixer(x[:, 5:12], cache=cache)[0]]
+        pieces += [mixer(x[:, t : t + 1], cache=cache)[0] for t in range(12, 23)]
     slot = cache.layers[1]
     assert isinstance(slot, MixerCacheLayer) and slot.get_seq_length() == 23
     assert slot.states["recurrent"].shape == (2, 4, 8, 8) and slot.states["recurrent"].dtype == torch.float32
@@ -124,10 +126,10 @@ def test_left_padding_gives_the_unpadded_result(use_short_conv):
     causal = torch.ones(14, 14, dtype=torch.bool).tril()
     sdpa_mask = (causal & valid[:, None, :])[:, None]  # (B, 1, q, k) True = attend
     with torch.no_grad():
-        expected, _ = mixer(x, past_key_values=(expected_cache := DynamicCache()))
+        expected, _ = mixer(x, cache=(expected_cache := DynamicCache()))
         for mask in (valid.long(), sdpa_mask):
             cache = DynamicCache()
-            out, _ = mixer(padded, attention_mask=mask, past_key_values=cache)
+            out, _ = mixer(padded, attention_mask=mask, cache=cache)
             assert relative_rms(expected, out[:, 4:]) < 1e-5
             for name, state in expected_cache.layers[1].states.items():
                 assert relative_rms(state, cache.layers[1].states[name]) < 1e-5, name

@@ -10,6 +10,8 @@ from hybridize.mixers import SlidingWindowMixer, mixer_config
 from hybridize.mixers.base import AttentionSpec
 from hybridize.presets import tiny_qwen2_5_vl
 
+pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
+
 WINDOW = 6
 
 

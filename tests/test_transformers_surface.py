@@ -4,6 +4,7 @@ A transformers release that renames how the cache reaches the attention module (
 became `cache`) would make every mixer run without its state: cached generation would then silently differ from
 the uncached forward. These tests fail on exactly that: each cached step must move every mixer's state and give
 the uncached forward's logits, for every mixer kind, the fallback sliding window, static decode and streaming.
+Our own calls must not use a deprecated name either.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
 from hybridize.compat import CACHE_KEYWORD, cache_argument, output_cache, pop_cache
 from hybridize.converters import convert, plan_layers
+from hybridize.inference.chat import greedy_decode_without_cache
 from hybridize.inference.decode import StaticDecoder
 from hybridize.inference.static_cache import StaticHybridCache
 from hybridize.mixers.base import TokenMixer
 from hybridize.mixers.cache import MixerCacheLayer
+from tests.inference.test_streaming import QUESTION, frames, one_shot_inputs, stream_of
 
 pytestmark = pytest.mark.transformers_surface
 
@@ -188,3 +191,15 @@ def test_static_decode_steps_equal_the_uncached_forward(hybrid, no_deprecation_w
         token = logits.argmax(-1)
         ids, mask = torch.cat([ids, token[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         logits = decoder.step(token).clone()
+
+
+def test_a_streamed_answer_equals_the_uncached_loop(tiny_hybrid, tiny_teacher, no_deprecation_warnings):
+    """Frames through the stream's caches, then a question: the tokens of the uncached argmax loop over the
+    whole sequence (window 8: every frame slides it)."""
+    model, processor = copy.deepcopy(tiny_hybrid).double(), tiny_teacher[1]
+    stream = frames(4)
+    session = stream_of(model, processor, stream, frame_size=56)
+    answer = session.ask_ids(QUESTION, max_new_tokens=STEPS)
+    inputs = one_shot_inputs(processor, stream, QUESTION)
+    expected = greedy_decode_without_cache(model, inputs, STEPS)[0, inputs["input_ids"].shape[1] :]
+    assert answer == expected.tolist()

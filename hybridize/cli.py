@@ -12,15 +12,28 @@ import json
 import sys
 from pathlib import Path
 
-from hybridize.converters.plan import PATTERNS
+from hybridize.converters.plan import DEFAULT_WINDOW, PATTERNS
 from hybridize.mixers.base import INIT_POLICIES
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridize", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an error instead of one line"
+    )
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    convert = verbs.add_parser("convert", help="turn a transformer into a hybrid and save it")
+    def verb(name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+        return verbs.add_parser(
+            name,
+            help=help,
+            parents=[common],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            **kwargs,
+        )
+
+    convert = verb("convert", "turn a transformer into a hybrid and save it")
     convert.add_argument(
         "--base",
         required=True,
@@ -28,21 +41,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     which = convert.add_mutually_exclusive_group()
     which.add_argument(
-        "--ratio", help='fraction of layers that keep softmax attention: "1/4", "0.25", "0", "1"'
+        "--ratio",
+        help='fraction of layers that keep softmax attention: "1/4", "0.25", "0", "1"; one of --ratio, '
+        "--swa-layers or --layers is required",
     )
     which.add_argument("--swa-layers", help="explicit softmax (sliding-window) layers, e.g. 0,4,8")
     convert.add_argument(
         "--pattern",
         default="interleave",
         choices=PATTERNS,
-        help="where --ratio puts the softmax layers (default interleave: i %% k == 0 for 1/k)",
+        help="where --ratio puts the softmax layers (interleave: i %% k == 0 for 1/k)",
+    )
+    convert.add_argument(
+        "--round",
+        action="store_true",
+        help="take the nearest whole number of layers for a --ratio that is not one (0.3 of 8 layers -> 2)",
     )
     convert.add_argument(
         "--layers",
         help='per-layer map applied last, "0-3:sliding_window,4:mamba2", or a YAML/JSON file with a list '
         "(one mixer per layer) or a mapping; alone, the layers it does not name keep their attention",
     )
-    convert.add_argument("--window", type=int, default=8192, help="sliding window in tokens (default 8192)")
+    convert.add_argument(
+        "--window", type=int, default=None, help=f"sliding window in tokens (default {DEFAULT_WINDOW})"
+    )
     convert.add_argument(
         "--mixer",
         default="gated_deltanet",
@@ -61,39 +83,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="a mixer option, e.g. gated_deltanet.expand_v=1 or mamba2.num_groups=4 (repeatable)",
     )
     convert.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    convert.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
-    convert.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: the checkpoint's)")
-    convert.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default cpu)")
+    convert.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the hybrid saved in --out (a folder holding anything else is still refused)",
+    )
+    add_placement(convert, "the checkpoint's")
 
     train = verbs.add_parser(
         "train",
         add_help=False,
-        help="run a training stage from YAML: train [fit|validate] --config stage.yaml [overrides] (LightningCLI)",
+        help="run a training stage from YAML: train [fit|validate] --config stage.yaml [overrides] (LightningCLI; "
+        "hybridize train --help lists every setting)",
     )
     train.add_argument("arguments", nargs=argparse.REMAINDER)
 
-    mixers = verbs.add_parser("mixers", help="list the registered mixers, their options and compute paths")
+    mixers = verb("mixers", "list the registered mixers, their options and compute paths")
     mixers.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    inspect = verbs.add_parser("inspect", help="print the layer plan of a saved hybrid")
-    inspect.add_argument("path")
+    inspect = verb("inspect", "print the layer plan of a saved hybrid and check its weights against it")
+    inspect.add_argument("path", help="saved hybrid directory")
 
-    generate = verbs.add_parser("generate", help="generate a reply with a saved hybrid")
-    generate.add_argument("path")
-    generate.add_argument("--prompt", required=True)
+    generate = verb("generate", "generate a reply with a saved hybrid (printed as it is generated)")
+    generate.add_argument("path", help="saved hybrid directory")
+    generate.add_argument("--prompt", required=True, help="the user's message")
     generate.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
-    generate.add_argument("--max-new-tokens", type=int, default=32)
-    generate.add_argument("--dtype", default=None)
-    generate.add_argument("--device", default=None)
+    generate.add_argument("--max-new-tokens", type=int, default=32, help="most tokens to generate")
+    add_placement(generate, "the checkpoint's")
     generate.add_argument(
         "--static-decode",
         action="store_true",
         help="decode over a static hybrid cache, each step a replayed CUDA graph on a GPU (same tokens)",
     )
 
-    stream = verbs.add_parser(
+    stream = verb(
         "stream",
-        help="stream a video into a saved hybrid frame by frame and answer questions at given times",
+        "stream a video into a saved hybrid frame by frame and answer questions at given times",
         description="Decode VIDEO (PyAV), feed frames sampled at --fps to a StreamingSession in constant "
         "memory, and answer each --ask at its --at times (comma-separated, e.g. 10s,1:30). The i-th --at "
         "belongs to the i-th --ask; a single --at applies to every question; without --at, questions are "
@@ -101,16 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stream.add_argument("video", help="video file (anything FFmpeg reads: mp4, mkv, webm, ...)")
     stream.add_argument("path", help="saved hybrid directory")
-    stream.add_argument(
-        "--fps", type=float, default=2.0, help="frames sampled per second of video (default 2)"
-    )
+    stream.add_argument("--fps", type=float, default=2.0, help="frames sampled per second of video")
     stream.add_argument("--ask", action="append", required=True, help="a question (repeatable)")
     stream.add_argument("--at", action="append", default=[], help="times to ask at, e.g. 10s,60s or 1:30")
-    stream.add_argument("--max-new-tokens", type=int, default=64)
-    stream.add_argument("--frame-size", type=int, default=448, help="frames are resized to this square (448)")
-    stream.add_argument("--system-prompt", default=None)
-    stream.add_argument("--dtype", default=None)
-    stream.add_argument("--device", default=None)
+    stream.add_argument("--max-new-tokens", type=int, default=64, help="most tokens per answer")
+    stream.add_argument("--frame-size", type=int, default=448, help="frames are resized to this square")
+    stream.add_argument(
+        "--system-prompt", default=None, help="system message before the video (default: the chat template's)"
+    )
+    add_placement(stream, "the checkpoint's")
     stream.add_argument("--no-cuda-graphs", action="store_true", help="run the frame steps eagerly on CUDA")
     stream.add_argument(
         "--compile",
@@ -121,17 +145,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_placement(parser: argparse.ArgumentParser, default_dtype: str) -> None:
+    parser.add_argument("--dtype", default=None, help=f"fp32 | bf16 | fp16 (default: {default_dtype})")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+
+
+def check_device(device: str | None) -> None:
+    """--device names a device this machine has (checked before any model is loaded)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device name; give cpu, cuda or cuda:N.") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"--device {device}: this machine has no CUDA device (or torch without CUDA); use --device cpu."
+            )
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(
+                f"--device {device}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}."
+            )
+    elif parsed.type != "cpu":
+        raise ValueError(f"--device {device!r}: hybridize runs on cpu or cuda.")
+
+
+def nonempty_text(value: str, flag: str) -> str:
+    if not value.strip():
+        raise ValueError(f"{flag} is empty; give the text to send to the model.")
+    return value
+
+
 def parse_options(items: list[str]) -> dict[str, dict]:
-    """["gated_deltanet.expand_v=1", ...] -> {"gated_deltanet": {"expand_v": 1}}; values are read as YAML."""
+    """["gated_deltanet.expand_v=1", ...] -> {"gated_deltanet": {"expand_v": 1}}; values are read as YAML
+    scalars (1, 0.5, 1e-3, true, null, text); each mixer checks their types against its options."""
     import yaml
 
     options: dict[str, dict] = {}
     for item in items:
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
         mixer, dot, name = key.strip().partition(".")
         if not (sep and dot and mixer and name):
             raise ValueError(f"--option {item!r} is not MIXER.KEY=VALUE, e.g. gated_deltanet.expand_v=1.")
-        options.setdefault(mixer, {})[name] = yaml.safe_load(value)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-3 as text
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (list, dict)):
+            raise ValueError(
+                f"--option {item!r}: give one value (a number, true/false or text), not {value!r}."
+            )
+        options.setdefault(mixer, {})[name] = value
     return options
 
 
@@ -164,6 +237,7 @@ def build_plan(args: argparse.Namespace, num_layers: int):
         mixer=args.mixer,
         window=args.window,
         options=options,
+        round_to_layers=args.round,
     )
     if args.init is not None:
         if args.init not in INIT_POLICIES:
@@ -182,9 +256,10 @@ def run_convert(args: argparse.Namespace) -> None:
     from hybridize.converters import checkpoint
     from hybridize.converters.convert import build_hybrid_config, convert
 
-    if args.window <= 0:
+    if args.window is not None and args.window <= 0:
         raise ValueError(f"--window must be a positive number of tokens, got {args.window}.")
     checkpoint.parse_dtype(args.dtype)
+    check_device(args.device)
     out = checkpoint.check_output_dir(args.out, args.overwrite)
     config = checkpoint.load_base_config(args.base)
     specs = checkpoint.base_layer_specs(config, args.base)
@@ -246,9 +321,10 @@ def run_mixers(args: argparse.Namespace) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> None:
-    from hybridize.converters.checkpoint import read_plan
+    from hybridize.converters.checkpoint import read_plan, verify_checkpoint
 
     data = read_plan(args.path)
+    count = verify_checkpoint(args.path)
     plan = data["hybridize"]
     print(
         f"{args.path}: {data['model_type']} (from {plan.get('base_model') or 'unknown base'}), ratio {plan.get('ratio')}"
@@ -258,28 +334,43 @@ def run_inspect(args: argparse.Namespace) -> None:
         print(f"{idx:>5}  {name:<16} {how}")
     for name, options in plan["mixers"].items():
         print(f"{name}: {json.dumps(options)}")
+    print(
+        f"weights: {count} tensors, each present with the shape the plan builds (read from the file headers)"
+    )
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from hybridize.converters.checkpoint import load, load_processor, parse_dtype, read_plan
-    from hybridize.inference.chat import generate_reply, load_image
+    from transformers import TextStreamer
 
-    read_plan(args.path)
+    from hybridize.converters.checkpoint import load, load_processor, parse_dtype, verify_checkpoint
+    from hybridize.inference.chat import generate_reply
+    from hybridize.media import load_image
+
+    nonempty_text(args.prompt, "--prompt")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    verify_checkpoint(args.path)
     parse_dtype(args.dtype)
-    images = [load_image(path) for path in args.image]
+    check_device(args.device)
     processor = load_processor(args.path)
     if processor is None:
         raise ValueError(f"{args.path!r} has no saved processor or tokenizer to turn the prompt into tokens.")
+    if args.image and not hasattr(processor, "image_processor"):
+        raise ValueError(
+            f"{args.path!r} is a text-only model (no image processor saved with it); drop --image."
+        )
+    images = [load_image(path) for path in args.image]
     model = load(args.path, dtype=args.dtype, device=args.device)
-    reply = generate_reply(
+    tokenizer = getattr(processor, "tokenizer", processor)
+    generate_reply(
         model,
         processor,
         args.prompt,
         images,
         max_new_tokens=args.max_new_tokens,
         static_decode=args.static_decode,
+        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
     )
-    print(reply)
 
 
 def parse_time(value: str) -> float:
@@ -313,9 +404,9 @@ def question_schedule(asks: list[str], ats: list[str], duration: float) -> list[
 
 
 def run_stream(args: argparse.Namespace) -> None:
-    from hybridize.converters.checkpoint import parse_dtype, read_plan
-    from hybridize.inference.chat import import_av
+    from hybridize.converters.checkpoint import parse_dtype, read_plan, verify_checkpoint
     from hybridize.inference.streaming import video_duration
+    from hybridize.media import import_av
 
     try:
         import_av()
@@ -327,11 +418,15 @@ def run_stream(args: argparse.Namespace) -> None:
         raise ValueError(f"--fps must be positive, got {args.fps}.")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    for question in args.ask:
+        nonempty_text(question, "--ask")
     vision = read_plan(args.path).get("vision_config") or {}
     factor = vision.get("patch_size", 14) * vision.get("spatial_merge_size", 2)
     if args.frame_size <= 0 or args.frame_size % factor:
         raise ValueError(f"--frame-size must be a positive multiple of {factor}, got {args.frame_size}.")
     parse_dtype(args.dtype)
+    check_device(args.device)
+    verify_checkpoint(args.path)
     if args.compile and (args.no_cuda_graphs or not str(args.device or "").startswith("cuda")):
         raise ValueError(
             "--compile compiles the CUDA-graph-captured frame steps: it needs --device cuda and no "
@@ -404,17 +499,27 @@ COMMANDS = {
 }
 
 
+# Errors a user's input causes: one line, exit code 2 (--debug shows the traceback).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     if argv[:1] == ["train"]:  # LightningCLI parses the rest (argparse would take its flags for its own)
-        args = argparse.Namespace(verb="train", arguments=argv[1:])
+        args = argparse.Namespace(
+            verb="train", arguments=[a for a in argv[1:] if a != "--debug"], debug=debug
+        )
     else:
         args = parser.parse_args(argv)
     try:
         COMMANDS[args.verb](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        parser.exit(2, f"hybridize {args.verb}: error: {error}\n")
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        message = " ".join(str(error).split())  # one line, whatever the library wrote
+        parser.exit(2, f"hybridize {args.verb}: error: {message} (--debug shows the traceback)\n")
     return 0
 
 

@@ -157,6 +157,14 @@ def copy_checkpoint_conversion(base_model_class: type, model_class_name: str) ->
         register_checkpoint_conversion_mapping(model_class_name, mapping, overwrite=True)
 
 
+def saved_tensor_names(model) -> dict[str, torch.Tensor]:
+    """The model's state dict under the names `save_pretrained` writes (Qwen2.5-VL's legacy layout: transformers
+    reverses the loading conversion when saving), so a checkpoint's file headers can be checked against it."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, model.state_dict())
+
+
 def no_init_weights():
     """Context in which transformers builds modules without running their initialisers."""
     from transformers.initialization import no_init_weights as no_init

@@ -151,13 +151,21 @@ def test_bad_base_models(tmp_path, capsys, base, message):
     assert not out.exists()
 
 
-def test_non_empty_out_needs_overwrite(tmp_path, capsys):
+def test_non_empty_out_needs_overwrite_and_overwrite_replaces_only_a_hybrid(tmp_path, capsys):
     out = non_empty(tmp_path)
-    with pytest.raises(SystemExit):
-        main(["convert", "--base", "tiny-qwen2.5-vl", "--ratio", "1/4", "--out", out])
-    assert "--overwrite" in capsys.readouterr().err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
-    assert main(["convert", "--base", "tiny-qwen2.5-vl", "--ratio", "1/4", "--out", out, "--overwrite"]) == 0
+    for extra in ([], ["--overwrite"]):  # a folder of other files is refused even with --overwrite
+        with pytest.raises(SystemExit):
+            main(["convert", "--base", "tiny-qwen2.5-vl", "--ratio", "1/4", "--out", out, *extra])
+        assert "--overwrite" in capsys.readouterr().err
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
+
+    vl = str(tmp_path / "vl")
+    assert main(["convert", "--base", "tiny-qwen2.5-vl", "--ratio", "1/4", "--out", vl]) == 0
+    assert (tmp_path / "vl" / "processor_config.json").exists()
+    assert main(["convert", "--base", "tiny-llama", "--ratio", "1/4", "--out", vl, "--overwrite"]) == 0
+    assert not (tmp_path / "vl" / "processor_config.json").exists()  # nothing of the VL hybrid survives
+    assert json.loads((tmp_path / "vl" / "config.json").read_text())["model_type"] == "hybrid_llama"
+    assert main(["generate", vl, "--prompt", "hi", "--max-new-tokens", "2"]) == 0
 
 
 def test_inspect_and_generate_reject_non_hybrids(tmp_path, capsys):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer, PreTrainedConfig
 
+from hybridize.compat import auto_model_class
 from hybridize.converters.discovery import layer_specs
 from hybridize.converters.hybrid_model import (
     HYBRID_PREFIX,
@@ -139,26 +141,50 @@ def load_processor(source: str | Path):
     return None
 
 
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Refuse a non-empty output directory up front, before any model is loaded or file written."""
+def check_output_dir(
+    out: str | Path, overwrite: bool, *, flag: str = "--out", overwrite_flag: str = "--overwrite"
+) -> Path:
+    """Refuse an output directory up front, before any model is loaded or file written: a non-empty one unless
+    `overwrite`, and even then one that holds anything but a saved hybrid (whose files `save_hybrid` replaces)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {str(out)!r} exists and is a file; give a directory path.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{flag} {str(out)!r} exists and is a file; give a directory path.")
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    if not overwrite:
         raise FileExistsError(
-            f"--out {str(out)!r} exists and is not empty; pick a new directory or pass --overwrite."
+            f"{flag} {str(out)!r} exists and is not empty; pick a new directory or pass {overwrite_flag}."
         )
+    try:
+        read_plan(out)
+    except (FileNotFoundError, ValueError):
+        example = sorted(path.name for path in out.iterdir())[0]
+        raise FileExistsError(
+            f"{flag} {str(out)!r} holds files that are not a saved hybrid (e.g. {example}); {overwrite_flag} "
+            "replaces only a hybrid: empty the folder or pick a new one."
+        ) from None
     return out
 
 
 def save_hybrid(model, out: str | Path, processor=None, *, overwrite: bool = False) -> Path:
-    """Write a hybrid checkpoint (safetensors + config with the plan, and the processor) to `out`."""
+    """Write a hybrid checkpoint (safetensors + config with the plan, and the processor) to `out`.
+
+    With `overwrite`, a hybrid already in `out` is replaced as a whole (no file of it survives): the new one is
+    written beside it first and swapped in, so a failed save leaves the old one as it was.
+    """
     layer_plan(model.config)
     out = check_output_dir(out, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    if processor is not None:
-        processor.save_pretrained(out)
+    staging = out.with_name(f".{out.name}.saving")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging)
+        if processor is not None:
+            processor.save_pretrained(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -175,6 +201,99 @@ def read_plan(path: str | Path) -> dict:
     return data
 
 
+def saved_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a checkpoint folder's safetensors files, from their headers alone."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(
+                f"{str(index)!r} is not a safetensors index ({error}); save the model again."
+            ) from None
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise ValueError(
+            f"{str(path)!r} holds no weights (no model.safetensors or model.safetensors.index.json); "
+            "save or download the checkpoint again."
+        )
+    shapes = {}
+    for name in files:
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"{str(file)!r} is missing (listed in {index.name}); download or save it again.")
+        try:
+            with safe_open(str(file), "pt") as handle:
+                shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"{str(file)!r} is not a readable safetensors file ({error}); it was cut short or damaged: "
+                "save or download it again."
+            ) from None
+    return shapes
+
+
+def expected_tensor_shapes(config: PreTrainedConfig) -> tuple[dict[str, tuple[int, ...]], list[set[str]]]:
+    """The tensors a checkpoint of `config` (plan included) must hold, under their saved names, built on the
+    meta device; and the groups of names that share one tensor (tied weights: saving keeps one of each)."""
+    from hybridize.compat import saved_tensor_names
+
+    model_class = auto_model_class(generation_auto_class(type(config)), type(config))
+    with torch.device("meta"):
+        model = model_class._from_config(config)
+    tensors = saved_tensor_names(model)
+    groups: dict[int, set[str]] = {}
+    for name, tensor in tensors.items():
+        groups.setdefault(id(tensor), set()).add(name)
+    return {name: tuple(tensor.shape) for name, tensor in tensors.items()}, list(groups.values())
+
+
+def verify_checkpoint(path: str | Path, config: PreTrainedConfig | None = None) -> int:
+    """Check, from the safetensors headers and without reading a tensor, that a hybrid folder holds exactly the
+    tensors its config's plan builds, with their shapes; return how many. The error names the first tensor that
+    differs and the likely cause."""
+    config = config if config is not None else hybrid_config(path)
+    saved = saved_tensor_shapes(path)
+    expected, tied = expected_tensor_shapes(config)
+    missing = [
+        name for name in expected if name not in saved and not any(n in saved for n in _group(tied, name))
+    ]
+    unexpected = [name for name in saved if name not in expected]
+    wrong = [name for name in expected if name in saved and saved[name] != expected[name]]
+    problems = [f"lacks {name} {list(expected[name])}" for name in missing[:1]]
+    problems += [f"holds {name}, which the plan does not build" for name in unexpected[:1]]
+    problems += [
+        f"holds {name} as {list(saved[name])}, the plan builds {list(expected[name])}" for name in wrong[:1]
+    ]
+    if problems:
+        counts = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape"
+        raise ValueError(
+            f"{str(path)!r}: the weights do not match the plan in its config.json ({counts}): "
+            f"the checkpoint {'; '.join(problems)}. Was config.json's plan edited, or is this the wrong folder?"
+        )
+    return len(saved)
+
+
+def _group(groups: list[set[str]], name: str) -> set[str]:
+    return next((group for group in groups if name in group), {name})
+
+
+def hybrid_config(path: str | Path) -> PreTrainedConfig:
+    """The config of a saved hybrid (its family registered with the Auto classes first)."""
+    model_type = read_plan(path).get("model_type", "")
+    if not model_type.startswith(HYBRID_PREFIX):
+        raise ValueError(f"{str(path)!r} has model_type {model_type!r}, not a hybrid ('{HYBRID_PREFIX}...').")
+    register_hybrid_family(model_type.removeprefix(HYBRID_PREFIX))
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"{str(path)!r}: config.json cannot be read as a hybrid config ({error}).") from None
+
+
 def load(
     path: str | Path,
     *,
@@ -182,12 +301,24 @@ def load(
     device: str | None = None,
     attn_implementation: str | None = None,
 ):
-    """Load a hybrid checkpoint saved by `hybridize convert` or `save_hybrid`."""
-    model_type = read_plan(path).get("model_type", "")
-    if not model_type.startswith(HYBRID_PREFIX):
-        raise ValueError(f"{str(path)!r} has model_type {model_type!r}, not a hybrid ('{HYBRID_PREFIX}...').")
-    auto_class = register_hybrid_family(model_type.removeprefix(HYBRID_PREFIX))
-    kwargs = {"dtype": parse_dtype(dtype) or "auto", "device_map": device}
+    """Load a hybrid checkpoint saved by `hybridize convert` or `save_hybrid`.
+
+    The weights are checked against the plan in its config before any is read (`verify_checkpoint`), and
+    transformers' own report of missing, unexpected or mis-shaped tensors is an error too: a layer is never
+    left randomly initialised.
+    """
+    config = hybrid_config(path)
+    verify_checkpoint(path, config)
+    kwargs = {"dtype": parse_dtype(dtype) or "auto", "device_map": device, "ignore_mismatched_sizes": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    return auto_class.from_pretrained(path, **kwargs).eval()
+    auto_class = generation_auto_class(type(config))
+    model, info = auto_class.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+    problems = {
+        key: sorted(map(str, info.get(key) or []))
+        for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
+    if any(problems.values()):
+        found = ", ".join(f"{key.replace('_', ' ')} {names[:3]}" for key, names in problems.items() if names)
+        raise ValueError(f"{str(path)!r} does not load as its plan says ({found}); save the hybrid again.")
+    return model.eval()

@@ -20,6 +20,7 @@ from hybridize.mixers.registry import get_mixer_class
 SOFTMAX_MIXER = "sliding_window"
 KEEP_MIXER = "full_attention"
 PATTERNS = ("interleave", "first", "last")
+DEFAULT_WINDOW = 8192  # InfiniteVL's
 LayerMap = str | Mapping[int | str, str] | Sequence[str]
 
 
@@ -39,21 +40,37 @@ def parse_ratio(value: str | float | Fraction) -> Fraction:
     return ratio
 
 
-def softmax_layers_for_ratio(num_layers: int, ratio: Fraction, pattern: str = "interleave") -> list[int]:
+def softmax_layers_for_ratio(
+    num_layers: int, ratio: Fraction, pattern: str = "interleave", *, round_to_layers: bool = False
+) -> list[int]:
     """The softmax layers of a ratio. interleave: a ratio 1/k keeps layers i % k == 0 (InfiniteVL: 0, 4, ...,
-    32 of 36), other ratios spread round(ratio * num_layers) layers evenly from layer 0; first / last: that
-    many layers at the bottom / top of the stack."""
+    32 of 36), other ratios spread ratio * num_layers layers evenly from layer 0; first / last: that many
+    layers at the bottom / top of the stack.
+
+    A ratio that is no whole number of layers (0.3 of 8) is an error naming the nearest ones that are, unless
+    `round_to_layers` takes round(ratio * num_layers) layers.
+    """
     if pattern not in PATTERNS:
         raise ValueError(f"pattern {pattern!r} is not one of {', '.join(PATTERNS)}.")
     if ratio == 0:
         return []
-    count = max(1, round(ratio * num_layers))
+    if pattern == "interleave" and ratio.numerator == 1:
+        return list(range(0, num_layers, ratio.denominator))
+    exact = ratio * num_layers
+    if exact.denominator != 1 and not round_to_layers:
+        below, above = math.floor(exact), math.ceil(exact)
+        nearest = " or ".join(
+            f"{Fraction(count, num_layers)} ({count} layers)" for count in (below, above) if count > 0
+        )
+        raise ValueError(
+            f"ratio {ratio} of {num_layers} layers is {float(exact):.2f} layers; give {nearest}, a ratio 1/k, "
+            "or --round to take the nearest whole number."
+        )
+    count = max(1, round(exact))
     if pattern == "first":
         return list(range(count))
     if pattern == "last":
         return list(range(num_layers - count, num_layers))
-    if ratio.numerator == 1:
-        return list(range(0, num_layers, ratio.denominator))
     return sorted({math.floor(i * num_layers / count) for i in range(count)})
 
 
@@ -173,13 +190,15 @@ def plan_layers(
     layers: LayerMap | None = None,
     pattern: str = "interleave",
     mixer: str | Sequence[str] = "gated_deltanet",
-    window: int = 8192,
+    window: int | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    round_to_layers: bool = False,
 ) -> LayerPlan:
     """Plan a conversion.
 
-    ratio (placed by `pattern`) or swa_layers: those layers become sliding-window attention with `window`;
-    the others get `mixer` (several names, as a list or "gated_deltanet,mamba2", take turns).
+    ratio (placed by `pattern`) or swa_layers: those layers become sliding-window attention with `window`
+    (default 8192; or the option sliding_window.window, not both); the others get `mixer` (several names, as a
+    list or "gated_deltanet,mamba2", take turns). round_to_layers: see `softmax_layers_for_ratio`.
     layers: a per-layer map applied on top; alone, it converts only the layers it names.
     options: per-mixer options, e.g. {"gated_deltanet": {"init": "attention_transfer"}}.
     """
@@ -187,6 +206,13 @@ def plan_layers(
         raise ValueError("Give ratio (e.g. '1/4') or swa_layers (e.g. '0,4,8'), not both.")
     if ratio is None and swa_layers is None and layers is None:
         raise ValueError("Give a ratio (e.g. '1/4'), swa_layers (e.g. '0,4,8') or a layer map.")
+    option_window = (options or {}).get(SOFTMAX_MIXER, {}).get("window")
+    if window is not None and option_window is not None and option_window != window:
+        raise ValueError(
+            f"The window is given twice: window={window} and the option sliding_window.window={option_window}; "
+            "give it once."
+        )
+    window = next((w for w in (window, option_window) if w is not None), DEFAULT_WINDOW)
     if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
         raise ValueError(f"window must be a positive number of tokens, got {window!r}.")
     linear = [name.strip() for name in mixer.split(",")] if isinstance(mixer, str) else list(mixer)
@@ -196,7 +222,9 @@ def plan_layers(
         get_mixer_class(name)
 
     if ratio is not None:
-        softmax = softmax_layers_for_ratio(num_layers, parse_ratio(ratio), pattern)
+        softmax = softmax_layers_for_ratio(
+            num_layers, parse_ratio(ratio), pattern, round_to_layers=round_to_layers
+        )
     elif swa_layers is not None:
         softmax = parse_layer_list(swa_layers, num_layers)
     else:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from PIL import Image
 
@@ -28,24 +26,6 @@ def chat_inputs(processor, prompts: list[str], images: list[list[Image.Image]] |
     return dict(processor(text=texts, return_tensors="pt", padding=True))
 
 
-def load_image(path: str | Path) -> Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Image {str(path)!r} does not exist.")
-    return Image.open(path).convert("RGB")
-
-
-def import_av():
-    """PyAV (the `video` extra), or an error that says how to install it."""
-    try:
-        import av
-    except ImportError:
-        raise ImportError(
-            "Videos are decoded with PyAV, which is not installed: pip install 'hybridize[video]' (or av)."
-        ) from None
-    return av
-
-
 @torch.no_grad()
 def generate_reply(
     model,
@@ -56,18 +36,24 @@ def generate_reply(
     max_new_tokens: int = 32,
     do_sample: bool = False,
     static_decode: bool = False,
+    streamer=None,
 ) -> str:
     """Generate the model's answer to one prompt (greedy by default) and decode it. `static_decode`: over a
     static hybrid cache with the decode step captured in a CUDA graph on CUDA (`inference.decode.generate_fast`),
-    the same tokens as generate()."""
+    the same tokens as generate(). `streamer`: a transformers streamer (e.g. `TextStreamer`) that gets the new
+    tokens as they come."""
     inputs = chat_inputs(processor, [prompt], [images or []])
     inputs = {key: value.to(model.device) for key, value in inputs.items()}
     if static_decode:
         from hybridize.inference.decode import generate_fast
 
-        output = generate_fast(model, **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample)
+        output = generate_fast(
+            model, **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, streamer=streamer
+        )
     else:
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample)
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, streamer=streamer
+        )
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return processor.batch_decode(new_tokens, skip_special_tokens=True)[0]
 

@@ -366,6 +366,7 @@ def static_generate(
     compile: bool = False,
     prefill_chunk_size: int | None = None,
     sync_every: int = 16,
+    token_streamer=None,
     **model_kwargs,
 ) -> torch.Tensor:
     """generate()'s token loop over a static hybrid cache: pass it as `model.generate(...,
@@ -376,7 +377,9 @@ def static_generate(
     is built for this call (cache max_length = prompt + max_new_tokens) with `cuda_graph` and `compile` (see
     `StaticDecoder`). sync_every: steps between host checks
     for every sequence having finished (each check waits for the GPU); steps run past that point are cut from
-    the output, which is what generate() returns. Returns the token ids (B, prompt + new), as generate().
+    the output, which is what generate() returns. token_streamer: a transformers streamer (`TextStreamer`) fed
+    the prompt and then each new token (generate() keeps its own `streamer` argument from custom loops).
+    Returns the token ids (B, prompt + new), as generate().
     """
     if generation_config.num_beams > 1 or generation_config.return_dict_in_generate:
         raise ValueError(
@@ -400,6 +403,10 @@ def static_generate(
     decoder.cache.reset()
     decoder.cache.check_room(prompt_length + max(new_tokens - 1, 0))
 
+    streamer = token_streamer
+    if streamer is not None:  # it gets each token on the host: check for the end at every step too
+        streamer.put(input_ids.cpu())
+        sync_every = 1
     logits = decoder.prefill(input_ids, chunk_size=prefill_chunk_size, **inputs)
     pad_token_id = pad_token_tensor(generation_config)
     has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
@@ -421,15 +428,20 @@ def static_generate(
             next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
         sequences[:, length] = next_tokens
         length += 1
+        if streamer is not None:  # a host copy per token: only when asked for
+            streamer.put(next_tokens.cpu())
         unfinished = unfinished & ~stopping_criteria(sequences[:, :length], scores)
         all_finished[step] = unfinished.max() == 0
         last = step == new_tokens - 1
         if (step + 1) % sync_every == 0 or last:
             done = all_finished[: step + 1].nonzero()
             if len(done):
-                return sequences[:, : prompt_length + int(done[0]) + 1]
+                length = prompt_length + int(done[0]) + 1
+                break
         if not last:
             logits = decoder.step(next_tokens)
+    if streamer is not None:
+        streamer.end()
     return sequences[:, :length]
 
 
@@ -447,6 +459,7 @@ def generate_fast(
     compile: bool = False,
     prefill_chunk_size: int | None = None,
     sync_every: int = 16,
+    streamer=None,
     **inputs,
 ) -> torch.Tensor:
     """`model.generate(input_ids, ..., **inputs)` decoded over a static hybrid cache with a CUDA-graph step
@@ -462,6 +475,7 @@ def generate_fast(
         compile=compile,
         prefill_chunk_size=prefill_chunk_size,
         sync_every=sync_every,
+        token_streamer=streamer,
         **options,
         **inputs,
     )

@@ -61,13 +61,13 @@ from hybridize.compat import (
     sliding_window_causal_mask,
 )
 from hybridize.converters.discovery import find_decoder_layout
-from hybridize.inference.chat import import_av
 from hybridize.inference.decode import SUPPORTED_ATTENTION, StaticDecoder
 from hybridize.inference.flash import flash_kernel_usable
 from hybridize.inference.fusion import fuse_projections
 from hybridize.inference.static_cache import StaticHybridCache
 from hybridize.inference.vision_attention import BlockDiagonalMasks, packed_attention_on
 from hybridize.inference.window_attention import WINDOW_ATTENTION, FixedWindowLayer, WindowKeys
+from hybridize.media import import_av
 from hybridize.mixers.base import TokenMixer
 from hybridize.mixers.cache import MixerCacheLayer
 from hybridize.mixers.sliding_window import SlidingWindowMixer

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, SequentialSampler
 from tqdm.auto import tqdm
 
@@ -42,7 +42,7 @@ from hybridize.compat import (
     qwen2_vl_smart_resize,
     returns_mm_token_type_ids,
 )
-from hybridize.inference.chat import import_av
+from hybridize.media import import_av, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -325,17 +325,6 @@ def _resolve_media(ref: str, kind: str, media_root: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ media
-
-
-def load_image(path: Path) -> Image.Image:
-    """An RGB image upright as its EXIF orientation says, transparency composited on white."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
-        return image.convert("RGB")
 
 
 def image_size(path: Path) -> tuple[int, int]:

@@ -223,7 +223,12 @@ class HybridStage(L.LightningModule):
         if previous_stage == "default":
             previous_stage = self.default_previous_stage
         if export_dir is not None:
-            check_output_dir(export_dir, overwrite_export)
+            check_output_dir(
+                export_dir,
+                overwrite_export,
+                flag="model.init_args.export_dir",
+                overwrite_flag="model.init_args.overwrite_export",
+            )
         # Everything about the checkpoint is checked from its config.json before a weight is read.
         if isinstance(checkpoint, nn.Module):
             source, section = "the given model", dict(getattr(checkpoint.config, PLAN_KEY, None) or {})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -55,7 +57,31 @@ def mixer_config(name: str, values: MixerConfig | dict[str, Any] | None, spec: A
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"Unknown option(s) {unknown} for mixer {name!r}; its options are {sorted(known)}.")
+    hints = typing.get_type_hints(config_class)
+    for key, value in values.items():
+        check_option_type(name, key, value, hints.get(key))
     return config_class(**values).resolve(spec)
+
+
+SCALARS = (bool, int, float, str, type(None))
+
+
+def check_option_type(mixer: str, key: str, value: Any, hint: Any) -> None:
+    """A mixer option's value against its config field's annotation (scalars and their unions; other
+    annotations are left to the config's `resolve`). An int passes for a float; a bool never for a number."""
+    accepted = (
+        typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    )
+    if not all(kind in SCALARS for kind in accepted):
+        return
+    for kind in accepted:
+        if kind is bool or isinstance(value, bool):
+            if kind is bool and isinstance(value, bool):
+                return
+        elif kind is float and isinstance(value, (int, float)) or isinstance(value, kind):
+            return
+    names = " or ".join("None" if kind is type(None) else kind.__name__ for kind in accepted)
+    raise ValueError(f"Option {mixer}.{key}={value!r} must be {names}, not {type(value).__name__}.")
 
 
 def build_mixer(

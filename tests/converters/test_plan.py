@@ -25,11 +25,32 @@ def test_infinitevl_ratio_on_36_layers():
         ("1/2", list(range(0, 36, 2))),
         ("0", []),
         ("1", list(range(36))),
-        ("3/8", [0, 2, 5, 7, 10, 12, 15, 18, 20, 23, 25, 28, 30, 33]),  # 14 = round(13.5) spread evenly
+        ("2/9", [0, 4, 9, 13, 18, 22, 27, 31]),  # 8 layers spread evenly
     ],
 )
 def test_ratios(ratio, softmax_layers):
     assert plan_layers(36, ratio).layers_with("sliding_window") == softmax_layers
+
+
+def test_a_ratio_that_is_no_whole_number_of_layers_is_refused_unless_rounded():
+    with pytest.raises(
+        ValueError, match=r"3/10 of 8 layers is 2\.40 layers; give 1/4 \(2 layers\) or 3/8 \(3 layers\)"
+    ):
+        plan_layers(8, "0.3")
+    with pytest.raises(ValueError, match="13.50 layers"):
+        plan_layers(36, "3/8", pattern="first")
+    plan = plan_layers(36, "3/8", round_to_layers=True)  # 14 = round(13.5) spread evenly
+    assert plan.layers_with("sliding_window") == [0, 2, 5, 7, 10, 12, 15, 18, 20, 23, 25, 28, 30, 33]
+    assert plan.ratio == "7/18"  # what the plan holds, not what was asked
+
+
+def test_the_window_is_given_once():
+    assert plan_layers(8, "1/4").mixers["sliding_window"] == {"window": 8192}
+    options = {"sliding_window": {"window": 10}}
+    assert plan_layers(8, "1/4", options=options).mixers["sliding_window"] == {"window": 10}
+    assert plan_layers(8, "1/4", window=10, options=options).mixers["sliding_window"] == {"window": 10}
+    with pytest.raises(ValueError, match="window=64 and the option sliding_window.window=10"):
+        plan_layers(8, "1/4", window=64, options=options)
 
 
 def test_ratio_parsing():

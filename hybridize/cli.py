@@ -486,7 +486,7 @@ def stream_video(args: argparse.Namespace, duration: float, schedule: list[tuple
 def run_train(args: argparse.Namespace) -> None:
     from hybridize.training import main as train
 
-    train(args.arguments)
+    train(args.arguments, debug=args.debug)
 
 
 COMMANDS = {
@@ -513,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         args = parser.parse_args(argv)
+    from hybridize.compat import silence_stale_warnings
+
+    silence_stale_warnings()
     try:
         COMMANDS[args.verb](args)
     except USER_ERRORS as error:

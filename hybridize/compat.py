@@ -15,6 +15,7 @@ Mixers never see the difference: `TokenMixer.__call__` hands them the cache as `
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -257,3 +258,24 @@ def qwen2_5_vision_index_tensors(
     else:
         kwargs.update(cu_seqlens=cu_seqlens.cpu(), cu_window_seqlens=cu_window_seqlens.cpu())
     return kwargs
+
+
+# --- logging -------------------------------------------------------------------------------------------------
+
+# Warnings transformers logs that do not hold for hybridize's models: Qwen2-family configs say SWA is not
+# implemented for sdpa, but the sliding mask enforces the window (tests/mixers/test_sliding_window.py).
+STALE_WARNINGS = ("Sliding Window Attention is enabled but not implemented",)
+
+
+class _DropStaleWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(STALE_WARNINGS)
+
+
+def silence_stale_warnings() -> None:
+    """Keep transformers' `STALE_WARNINGS` off the console (the CLI calls this; library users see everything)."""
+    from transformers.utils import logging as transformers_logging
+
+    for handler in transformers_logging.get_logger().handlers:
+        if not any(isinstance(f, _DropStaleWarnings) for f in handler.filters):
+            handler.addFilter(_DropStaleWarnings())

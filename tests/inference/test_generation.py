@@ -62,6 +62,36 @@ def test_sliding_window_mixer_fallback_generation(tiny_teacher):
     check_cached_generation_matches(hybrid, processor)
 
 
-def test_generate_reply_decodes_text(tiny_teacher, tiny_hybrid):
-    reply = generate_reply(tiny_hybrid, tiny_teacher[1], "Describe.", [make_image(3)], max_new_tokens=5)
-    assert isinstance(reply, str)
+def test_generate_reply_decodes_the_generated_tokens_and_streams_them(tiny_teacher, tiny_hybrid):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.reshape(-1))
+
+        def end(self):
+            self.ended = True
+
+    processor, images = tiny_teacher[1], [make_image(3)]
+    inputs = chat_inputs(processor, ["Describe."], [images])
+    with torch.no_grad():
+        tokens = tiny_hybrid.generate(**inputs, max_new_tokens=5, do_sample=False)[
+            0, inputs["input_ids"].shape[1] :
+        ]
+    for static_decode in (False, True):
+        streamer = Collect()
+        reply = generate_reply(
+            tiny_hybrid,
+            processor,
+            "Describe.",
+            images,
+            max_new_tokens=5,
+            static_decode=static_decode,
+            streamer=streamer,
+        )
+        assert reply == processor.decode(tokens, skip_special_tokens=True)
+        streamed = torch.cat(streamer.chunks)  # the prompt, then each new token
+        assert streamer.ended and torch.equal(streamed[-len(tokens) :], tokens)

@@ -76,10 +76,24 @@ def test_config_round_trips_through_dict():
     assert GLAConfig(**config.to_dict()) == config
 
 
-def test_initial_gate_is_a_uniform_slow_decay():
-    gk = torch.nn.functional.logsigmoid(tiny_mixer().gk_proj(torch.randn(3, 5, 32))) / 16
-    # logsigmoid(~0) / 16 = -log(2) / 16 per step for every token and key dimension
-    torch.testing.assert_close(gk, torch.full_like(gk, -math.log(2) / 16), rtol=0, atol=2e-3)
+@pytest.mark.parametrize("normalizer", [16.0, 4.0])
+def test_initial_gate_is_a_uniform_slow_decay(monkeypatch, normalizer):
+    """The decay the mixer hands its kernel: logsigmoid(~0) / gate_logit_normalizer = -log(2) / normalizer per
+    step, for every token and key dimension."""
+    import hybridize.mixers.gla as module
+
+    seen, kernel = {}, module.gla
+
+    def recording_kernel(q, k, v, gk, **kwargs):
+        seen["gk"] = gk
+        return kernel(q, k, v, gk, **kwargs)
+
+    monkeypatch.setattr(module, "gla", recording_kernel)
+    tiny_mixer(gate_logit_normalizer=normalizer)(torch.randn(3, 5, 32))
+    gk = seen["gk"]  # (B, T, H, K)
+    torch.testing.assert_close(
+        gk, torch.full_like(gk, -math.log(2) / normalizer), rtol=0, atol=2e-3 * 16 / normalizer
+    )
 
 
 @pytest.mark.parametrize("use_short_conv", [False, True])

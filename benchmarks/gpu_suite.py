@@ -1,0 +1,96 @@
+"""Every GPU test and check in one command (one device call): CI has no GPU, so this is how they run.
+
+    python benchmarks/gpu_suite.py [--out benchmarks/results/gpu_suite_<card>.json] [--skip-checks]
+
+1. The whole pytest suite on the CUDA machine: the CUDA-only tests (fla kernels against the references, CUDA-graph
+   decode and streaming, flash window attention, bf16 attention) run there and nowhere else; the CPU tests run
+   too, on that machine's transformers.
+2. `check_kernels.py` (every fla path against the PyTorch references in bf16, fla's tolerances) and
+   `check_gpu_model.py` (whole converted models), each writing its own report beside this one.
+Writes a dated report (command, card, versions, pytest counts and the names of the CUDA tests that ran, each
+check's exit status) and exits non-zero when anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import default_output, report_header  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA_MARKERS = ("needs CUDA", "need CUDA", "on CUDA", "a CUDA device", "need a GPU", "CUDA graphs need")
+
+
+def run(command: list[str], log: Path) -> tuple[int, str]:
+    """Run a command from the repository root, its output both shown and kept."""
+    print("$", " ".join(command), flush=True)
+    with subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        lines = []
+        for line in process.stdout:
+            sys.stdout.write(line)
+            lines.append(line)
+    log.write_text("".join(lines))
+    return process.returncode, "".join(lines)
+
+
+def pytest_counts(output: str) -> dict[str, int]:
+    summary = output.strip().splitlines()[-1] if output.strip() else ""
+    return {kind: int(count) for count, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", type=Path, default=None, help="report path (default results/gpu_suite_<card>.json)"
+    )
+    parser.add_argument("--skip-checks", action="store_true", help="pytest only, not the two check scripts")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_suite.py runs the CUDA tests: it needs a CUDA device.")
+    device = torch.device("cuda")
+    out = args.out or default_output("gpu_suite", device, quick=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = report_header("gpu_suite", None, device)
+
+    # -rA lists every test's outcome, so the report can name the CUDA tests (they skip everywhere else)
+    code, output = run(
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider"],
+        out.with_suffix(".pytest.log"),
+    )
+    passed = [line.split(" ", 1)[1] for line in output.splitlines() if line.startswith("PASSED ")]
+    skipped = [line for line in output.splitlines() if line.startswith("SKIPPED ")]
+    report["pytest"] = {
+        "exit_code": code,
+        "counts": pytest_counts(output),
+        "skipped_for_want_of_cuda": [line for line in skipped if any(m in line for m in CUDA_MARKERS)],
+        "passed": len(passed),
+    }
+    failed = code != 0
+    if not args.skip_checks:
+        report["checks"] = {}
+        for script in ("check_kernels", "check_gpu_model"):
+            target = out.with_name(f"{script}_{out.stem.removeprefix('gpu_suite_')}.json")
+            code, _ = run(
+                [sys.executable, f"benchmarks/{script}.py", "--out", str(target)],
+                out.with_suffix(f".{script}.log"),
+            )
+            report["checks"][script] = {"exit_code": code, "report": target.name}
+            failed |= code != 0
+    report["ok"] = not failed
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({key: report[key] for key in ("device", "date", "ok")}, indent=2))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -90,6 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_placement(convert, "the checkpoint's")
 
+    imports = verb(
+        "import",
+        "write a released InfiniteVL checkpoint (hustvl/InfiniteVL, a hub id or a local folder) as a hybrid",
+    )
+    imports.add_argument(
+        "source", help="hub id (hustvl/InfiniteVL, hustvl/InfiniteVL-LongSFT) or local folder"
+    )
+    imports.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    imports.add_argument("--overwrite", action="store_true", help="replace the hybrid saved in --out")
+    imports.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: the checkpoint's)")
+    imports.add_argument(
+        "--stage",
+        default="supervised_fine_tuning",
+        choices=("supervised_fine_tuning", "long_sequence_sft"),
+        help="the training stage the checkpoint is the output of (InfiniteVL-LongSFT: long_sequence_sft)",
+    )
+
     train = verbs.add_parser(
         "train",
         add_help=False,
@@ -342,14 +359,14 @@ def run_inspect(args: argparse.Namespace) -> None:
 def run_generate(args: argparse.Namespace) -> None:
     from transformers import TextStreamer
 
-    from hybridize.converters.checkpoint import load, load_processor, parse_dtype, verify_checkpoint
+    from hybridize.converters.checkpoint import check_checkpoint, load, load_processor, parse_dtype
     from hybridize.inference.chat import generate_reply
     from hybridize.media import load_image
 
     nonempty_text(args.prompt, "--prompt")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
-    verify_checkpoint(args.path)
+    check_checkpoint(args.path)
     parse_dtype(args.dtype)
     check_device(args.device)
     processor = load_processor(args.path)
@@ -404,7 +421,7 @@ def question_schedule(asks: list[str], ats: list[str], duration: float) -> list[
 
 
 def run_stream(args: argparse.Namespace) -> None:
-    from hybridize.converters.checkpoint import parse_dtype, read_plan, verify_checkpoint
+    from hybridize.converters.checkpoint import check_checkpoint, parse_dtype
     from hybridize.inference.streaming import video_duration
     from hybridize.media import import_av
 
@@ -420,13 +437,12 @@ def run_stream(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
     for question in args.ask:
         nonempty_text(question, "--ask")
-    vision = read_plan(args.path).get("vision_config") or {}
+    vision = check_checkpoint(args.path).get("vision_config") or {}
     factor = vision.get("patch_size", 14) * vision.get("spatial_merge_size", 2)
     if args.frame_size <= 0 or args.frame_size % factor:
         raise ValueError(f"--frame-size must be a positive multiple of {factor}, got {args.frame_size}.")
     parse_dtype(args.dtype)
     check_device(args.device)
-    verify_checkpoint(args.path)
     if args.compile and (args.no_cuda_graphs or not str(args.device or "").startswith("cuda")):
         raise ValueError(
             "--compile compiles the CUDA-graph-captured frame steps: it needs --device cuda and no "
@@ -483,6 +499,18 @@ def stream_video(args: argparse.Namespace, duration: float, schedule: list[tuple
     )
 
 
+def run_import(args: argparse.Namespace) -> None:
+    from hybridize.converters.checkpoint import check_output_dir, parse_dtype
+    from hybridize.converters.infinitevl import import_infinitevl
+
+    parse_dtype(args.dtype)
+    check_output_dir(args.out, args.overwrite)
+    out = import_infinitevl(
+        args.source, args.out, overwrite=args.overwrite, dtype=args.dtype, stage=args.stage
+    )
+    print(f"saved hybrid to {out}")
+
+
 def run_train(args: argparse.Namespace) -> None:
     from hybridize.training import main as train
 
@@ -491,6 +519,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "convert": run_convert,
+    "import": run_import,
     "train": run_train,
     "mixers": run_mixers,
     "inspect": run_inspect,

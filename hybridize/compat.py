@@ -163,7 +163,7 @@ def saved_tensor_names(model) -> dict[str, torch.Tensor]:
     reverses the loading conversion when saving), so a checkpoint's file headers can be checked against it."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    return revert_weight_conversion(model, model.state_dict())
+    return revert_weight_conversion(model, model.state_dict(keep_vars=True))  # tied weights: one object
 
 
 def no_init_weights():

@@ -201,40 +201,83 @@ def read_plan(path: str | Path) -> dict:
     return data
 
 
-def saved_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor in a checkpoint folder's safetensors files, from their headers alone."""
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # weights, configs, processor and chat template
+
+
+def local_folder(source: str | Path) -> Path:
+    """A checkpoint's local folder: a folder as it is, a hub id (org/name) downloaded with huggingface_hub."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    text = str(source)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise FileNotFoundError(
+            f"Checkpoint {text!r} does not exist (no folder with a config.json there) and is not a hub id (org/name)."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=text, allow_patterns=HUB_FILES))
+    except Exception as error:  # hub errors (not found, gated, offline) have no common base but Exception
+        raise FileNotFoundError(
+            f"Checkpoint {text!r} is not a local folder, and the hub gave no repository of that name "
+            f"({type(error).__name__}); check the path or the hub id."
+        ) from None
+
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def checkpoint_tensors(path: str | Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Name -> (file, shape) of every tensor in a folder's safetensors (an index and its shards, or one file),
+    from the file headers alone; the index must put each tensor in the shard that holds it."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    index = path / "model.safetensors.index.json"
+    index = path / INDEX_FILE
     if index.is_file():
         try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = list(dict.fromkeys(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise ValueError(
-                f"{str(index)!r} is not a safetensors index ({error}); save the model again."
+                f"{str(index)!r} is not a safetensors index ({error}); save or download it again."
             ) from None
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+    elif (path / SINGLE_FILE).is_file():
+        weight_map, files = {}, [SINGLE_FILE]
     else:
         raise ValueError(
-            f"{str(path)!r} holds no weights (no model.safetensors or model.safetensors.index.json); "
-            "save or download the checkpoint again."
+            f"{str(path)!r} holds no weights (no {SINGLE_FILE} or {INDEX_FILE}); save or download the checkpoint again."
         )
-    shapes = {}
+    tensors = {}
     for name in files:
         file = path / name
         if not file.is_file():
-            raise ValueError(f"{str(file)!r} is missing (listed in {index.name}); download or save it again.")
+            raise ValueError(
+                f"{str(path)!r} lacks the shard {name} that {INDEX_FILE} lists; save or download it again."
+            )
         try:
             with safe_open(str(file), "pt") as handle:
-                shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+                tensors.update(
+                    {key: (file, tuple(handle.get_slice(key).get_shape())) for key in handle.keys()}
+                )
         except (SafetensorError, OSError) as error:
             raise ValueError(
                 f"{str(file)!r} is not a readable safetensors file ({error}); it was cut short or damaged: "
                 "save or download it again."
             ) from None
-    return shapes
+    for key, name in weight_map.items():
+        if key not in tensors or tensors[key][0].name != name:
+            raise ValueError(
+                f"{INDEX_FILE} puts {key} in {name}, which does not hold it; save or download it again."
+            )
+    return tensors
+
+
+def saved_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a checkpoint folder's safetensors files, from their headers alone."""
+    return {name: shape for name, (_, shape) in checkpoint_tensors(path).items()}
 
 
 def expected_tensor_shapes(config: PreTrainedConfig) -> tuple[dict[str, tuple[int, ...]], list[set[str]]]:
@@ -278,6 +321,22 @@ def verify_checkpoint(path: str | Path, config: PreTrainedConfig | None = None) 
     return len(saved)
 
 
+def check_checkpoint(path: str | Path) -> dict:
+    """The config.json of a saved hybrid or a released InfiniteVL folder, after checking from the file headers
+    (no tensor read) that its weights are the ones its config builds: what the CLI does before loading."""
+    from hybridize.converters.infinitevl import (
+        check_infinitevl,
+        is_infinitevl_checkpoint,
+        read_infinitevl_config,
+    )
+
+    if is_infinitevl_checkpoint(path):
+        check_infinitevl(path)
+        return read_infinitevl_config(path)
+    verify_checkpoint(path)
+    return read_plan(path)
+
+
 def _group(groups: list[set[str]], name: str) -> set[str]:
     return next((group for group in groups if name in group), {name})
 
@@ -301,12 +360,18 @@ def load(
     device: str | None = None,
     attn_implementation: str | None = None,
 ):
-    """Load a hybrid checkpoint saved by `hybridize convert` or `save_hybrid`.
+    """Load a hybrid checkpoint saved by `hybridize convert` or `save_hybrid` (or a released InfiniteVL one,
+    `hybridize.converters.infinitevl`): a local folder or a hub id.
 
     The weights are checked against the plan in its config before any is read (`verify_checkpoint`), and
     transformers' own report of missing, unexpected or mis-shaped tensors is an error too: a layer is never
     left randomly initialised.
     """
+    from hybridize.converters.infinitevl import is_infinitevl_checkpoint, load_infinitevl
+
+    path = local_folder(path)
+    if is_infinitevl_checkpoint(path):  # a released InfiniteVL checkpoint, read as it is
+        return load_infinitevl(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
     config = hybrid_config(path)
     verify_checkpoint(path, config)
     kwargs = {"dtype": parse_dtype(dtype) or "auto", "device_map": device, "ignore_mismatched_sizes": True}

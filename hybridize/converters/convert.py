@@ -118,6 +118,7 @@ def convert(
     replaced = tuple(f"{module_names[id(layout.attention(idx))]}." for idx in converted)
     kept = {key: value for key, value in model.state_dict().items() if not key.startswith(replaced)}
     missing, unexpected = hybrid.load_state_dict(kept, strict=False)
+    hybrid.tie_weights()  # built without init, so untied: a tied teacher (Qwen2.5-VL-3B's lm_head) stays tied
     stray = [key for key in missing + unexpected if not key.startswith(replaced)]
     if stray:  # keys may only differ inside converted attention modules; anything else is a surgery bug
         raise RuntimeError(f"Conversion changed weights outside the converted attention modules: {stray[:8]}")

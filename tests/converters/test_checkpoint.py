@@ -11,8 +11,10 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 import hybridize
-from hybridize.converters import load_base_model, read_plan, save_hybrid
+from hybridize.converters import convert, load, load_base_model, plan_layers, read_plan, save_hybrid
+from hybridize.converters.checkpoint import saved_tensor_shapes
 from hybridize.inference.chat import chat_inputs
+from hybridize.presets import tiny_qwen2_5_vl_processor
 from tests.conftest import make_image
 
 pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
@@ -97,3 +99,23 @@ def test_save_refuses_a_non_empty_directory(tiny_hybrid, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         save_hybrid(tiny_hybrid, tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_a_tied_teacher_gives_a_tied_hybrid_that_saves_and_loads(tmp_path, batch):
+    """Qwen2.5-VL-3B ties lm_head to the embeddings: the hybrid keeps the tie, saves one copy, and loads (the
+    weight check knows that the missing lm_head is the embedding)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from hybridize.presets import tiny_qwen2_5_vl_config  # noqa: I001
+
+    config = tiny_qwen2_5_vl_config()
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    teacher = Qwen2_5_VLForConditionalGeneration(config).eval()
+    hybrid, _ = convert(teacher, plan_layers(8, "1/4", window=8), progress=False)
+    assert hybrid.lm_head.weight is hybrid.get_input_embeddings().weight
+    save_hybrid(hybrid, tmp_path / "tied", tiny_qwen2_5_vl_processor())
+    assert not any("lm_head" in name for name in saved_tensor_shapes(tmp_path / "tied"))
+    loaded = load(tmp_path / "tied")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, hybrid(**batch).logits, rtol=0, atol=0)

@@ -189,7 +189,8 @@ def save_hybrid(model, out: str | Path, processor=None, *, overwrite: bool = Fal
 
 
 def read_plan(path: str | Path) -> dict:
-    """The `hybridize` section of a saved hybrid's config.json, without loading any weights."""
+    """A saved hybrid's config.json as a dict (its plan under the `hybridize` key), read without loading any
+    weight; an error when the folder has no config.json or the config no plan."""
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{str(path)!r} has no config.json; is it a hybridize checkpoint directory?")

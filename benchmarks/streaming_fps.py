@@ -275,13 +275,13 @@ def relative_rms(reference: torch.Tensor, value: torch.Tensor) -> float:
     return ((reference - value).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt().clamp(min=1e-30)).item()
 
 
-@torch.no_grad()
 # Largest relative RMS error of the streamed logits and states against the one-pass forward. bf16 through 36
 # random-weight layers measured 0.07 (logits) to 0.14 (recurrent state) on an H100 (results/streaming_fps_h100.json);
 # a state lost or misplaced between frames gives ~1.
 ONE_SHOT_TOLERANCE = 0.2
 
 
+@torch.no_grad()
 def check_one_shot(args, model, device: torch.device) -> dict:
     """The stream's state after `--check-frames` frames (fed one at a time, CUDA graphs and all) against the
     model's own forward over the same tokens in one pass (its own ViT, get_rope_index positions and cache):

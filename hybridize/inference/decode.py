@@ -39,6 +39,7 @@ from hybridize.compat import (
     sliding_window_causal_mask,
 )
 from hybridize.converters.discovery import find_decoder_layout
+from hybridize.inference.cuda_graphs import WARMUP_STEPS, capture_cuda_graph, on_side_stream
 from hybridize.inference.fusion import fuse_projections
 from hybridize.inference.static_cache import FULL, SLIDING, StaticHybridCache
 from hybridize.mixers.base import TokenMixer
@@ -46,7 +47,6 @@ from hybridize.mixers.ops.dtypes import compute_dtype
 
 DECODE_ATTENTION = "hybridize_static_decode"
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-WARMUP_STEPS = 2  # eager steps before the capture: Triton compiles/autotunes, cuBLAS picks its kernels
 
 
 def grouped_decode_attention(
@@ -321,11 +321,6 @@ class StaticDecoder:
             cache.decoding = False
         return logits
 
-    def _capture(self) -> None:
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._forward_step()
-
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence (B,) and return the next logits (B, vocab) in the model's dtype. With a
@@ -337,15 +332,12 @@ class StaticDecoder:
         self.cache.check_room(1)
         self.tokens.copy_(tokens.view(-1, 1))
         if self.graph is None and self.cuda_graph and self.eager_steps >= WARMUP_STEPS:
-            self._capture()
+            # the eager steps so far were the warm-up (real steps: they advanced the cache)
+            self.graph, self.logits = capture_cuda_graph(self._forward_step, warmup_steps=0)
         if self.graph is not None:
             self.graph.replay()
         elif self.cuda_graph:  # warm-up on a side stream, as graph capture requires
-            stream = torch.cuda.Stream(self.cache.device)
-            stream.wait_stream(torch.cuda.current_stream(self.cache.device))
-            with torch.cuda.stream(stream):
-                self.logits = self._forward_step()
-            torch.cuda.current_stream(self.cache.device).wait_stream(stream)
+            self.logits = on_side_stream(self._forward_step, self.cache.device)
             self.eager_steps += 1
         else:
             self.logits = self._forward_step()

@@ -61,6 +61,7 @@ from hybridize.compat import (
     sliding_window_causal_mask,
 )
 from hybridize.converters.discovery import find_decoder_layout
+from hybridize.inference.cuda_graphs import capture_cuda_graph
 from hybridize.inference.decode import SUPPORTED_ATTENTION, StaticDecoder
 from hybridize.inference.flash import flash_kernel_usable
 from hybridize.inference.fusion import fuse_projections
@@ -73,7 +74,6 @@ from hybridize.mixers.cache import MixerCacheLayer
 from hybridize.mixers.sliding_window import SlidingWindowMixer
 
 QUESTION_MARKER = "\x00question\x00"  # stands in for the question while the chat template is split
-GRAPH_WARMUP_STEPS = 2
 
 
 # ----------------------------------------------------------------------------------------------- prompt
@@ -592,22 +592,6 @@ class CapturedPrefill:
             for key, delta in deltas.items():
                 setattr(layer, key, getattr(layer, key) + delta)
         self.state.last_hidden = hidden
-
-
-def capture_cuda_graph(fn: Callable[[], Any], warmup: Callable[[], Any] | None = None, pool=None):
-    """Capture `fn` (reading and writing fixed tensors only) in a CUDA graph after warm-up runs on a side
-    stream, in the memory pool of another graph if given (graphs that never run at once); returns (graph, fn's
-    output, whose tensors each replay rewrites)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(GRAPH_WARMUP_STEPS):
-            (warmup or fn)()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        output = fn()
-    return graph, output
 
 
 class StaticAnswers:

@@ -2,28 +2,41 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """An RGB image upright as its EXIF orientation says, transparency composited on white, fully decoded (a
-    truncated file fails here, not later in the processor). Unreadable files raise ValueError naming the path."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Image {str(path)!r} does not exist.")
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """An image upright as its EXIF orientation says, in RGB, transparency composited on white: the rules every
+    image follows, whether training reads it or a user passes it to `generate`."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
+    """`upright_rgb` of an image file, its encoded bytes or a decoded image, fully decoded (a truncated file fails
+    here, not later in the processor). Unreadable images raise ValueError naming the file."""
+    if isinstance(source, Image.Image):
+        return upright_rgb(source)
+    if isinstance(source, bytes):
+        name, opened = f"<{len(source)} bytes>", io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"Image {str(path)!r} does not exist.")
+        name, opened = repr(str(path)), path
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                rgba = image.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return image.convert("RGB")
+        with Image.open(opened) as image:
+            return upright_rgb(image)
     except (OSError, ValueError, SyntaxError) as error:  # PIL raises SyntaxError for some broken headers
         raise ValueError(
-            f"Image {str(path)!r} cannot be read ({error}); give a complete PNG, JPEG, WebP or other image file."
+            f"Image {name} cannot be read ({error}); give a complete PNG, JPEG, WebP or other image file."
         ) from None
 
 

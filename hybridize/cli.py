@@ -1,4 +1,5 @@
-"""`hybridize <verb>`: convert a model, train it (stage by stage), inspect a hybrid, generate or stream video with it.
+"""`hybridize <verb>`: convert (or import) a model, train it stage by stage, check its data, evaluate it, inspect
+it, generate or stream video with it.
 
 Every argument is checked (and the output directory refused) before any model is loaded, so bad input
 fails in a second with one line that says what to change.
@@ -114,6 +115,32 @@ def build_parser() -> argparse.ArgumentParser:
         "hybridize train --help lists every setting)",
     )
     train.add_argument("arguments", nargs=argparse.REMAINDER)
+
+    data = verb("data", "check training data before a run: hybridize data check CONFIG_OR_DATA")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True, help="what to do with the data")
+    check = data_verbs.add_parser(
+        "check",
+        parents=[common],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="read every row, build every sample as training would, write report.json + token_lengths.png",
+    )
+    check.add_argument(
+        "target",
+        help="a stage YAML (its data section is checked) or data: JSON(L) files, a data set folder, hub id",
+    )
+    check.add_argument(
+        "--processor", help="model directory / hub id / embedded name (default: the config's model)"
+    )
+    check.add_argument("--out", default="data-check", help="folder for report.json and token_lengths.png")
+    check.add_argument("--max-length", type=int, help="tokens per sample (default: the config's, else 4096)")
+    check.add_argument(
+        "--format", default="auto", help="record layout of a data path: auto, llava, finevision, messages"
+    )
+
+    from hybridize.evaluation import cli as evaluation_cli  # argparse only: no torch at parse time
+
+    evaluation = verb("eval", "how good is a hybrid: fidelity to its teacher, task accuracy")
+    evaluation_cli.add_arguments(evaluation, parents=[common])
 
     mixers = verb("mixers", "list the registered mixers, their options and compute paths")
     mixers.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -511,6 +538,18 @@ def run_import(args: argparse.Namespace) -> None:
     print(f"saved hybrid to {out}")
 
 
+def run_eval(args: argparse.Namespace) -> None:
+    from hybridize.evaluation.cli import run
+
+    run(args)
+
+
+def run_data(args: argparse.Namespace) -> None:
+    from hybridize.lightning_modules.data.check import run
+
+    run(args)
+
+
 def run_train(args: argparse.Namespace) -> None:
     from hybridize.training import main as train
 
@@ -521,6 +560,8 @@ COMMANDS = {
     "convert": run_convert,
     "import": run_import,
     "train": run_train,
+    "data": run_data,
+    "eval": run_eval,
     "mixers": run_mixers,
     "inspect": run_inspect,
     "generate": run_generate,

@@ -200,7 +200,8 @@ def trainer(steps: int, out: Path, accelerator: str) -> L.Trainer:
         accelerator=accelerator,
         devices=1,
         precision="bf16-mixed" if accelerator == "gpu" else "32-true",
-        logger=L.pytorch.loggers.CSVLogger(out, name="", version=""),
+        # beside the stage's export folder, not in it: an export replaces only a folder that holds a saved hybrid
+        logger=L.pytorch.loggers.CSVLogger(out.parent / "logs", name=out.name, version=""),
         log_every_n_steps=25,
         enable_checkpointing=False,
         enable_model_summary=False,

@@ -383,8 +383,8 @@ def assert_close_states(first: StreamingSession, second: StreamingSession) -> No
 
 
 def write_video(path, seconds: float = 3.0, rate: int = 10, size: tuple[int, int] = (64, 48)) -> None:
-    """A video whose frames are flat colours that change every frame."""
-    import av
+    """A video whose frames are flat colours that change every frame (PyAV, the `video` extra; skips without)."""
+    av = pytest.importorskip("av")
 
     with av.open(str(path), "w") as container:
         stream = container.add_stream("mpeg4", rate=rate)

@@ -39,15 +39,15 @@ class HybridizeCLI(LightningCLI):
 
 
 def remove_unused_log_dir(trainer) -> None:
-    """A run that failed before its first checkpoint leaves no log folder behind (only the config it saved)."""
+    """A run that failed before its first step leaves no log folder behind (the config it saved, the logger's
+    empty event or metrics files)."""
     log_dir = Path(trainer.log_dir) if trainer.log_dir else None
-    if log_dir is None or not log_dir.is_dir():
+    if log_dir is None or not log_dir.is_dir() or trainer.global_step > 0 or any(log_dir.rglob("*.ckpt")):
         return
-    if {path.name for path in log_dir.rglob("*") if path.is_file()} <= {"config.yaml", "hparams.yaml"}:
-        shutil.rmtree(log_dir)
-        for parent in (log_dir.parent, log_dir.parent.parent):  # lightning_logs/, then the root it made
-            if parent.is_dir() and not any(parent.iterdir()):
-                parent.rmdir()
+    shutil.rmtree(log_dir)
+    for parent in (log_dir.parent, log_dir.parent.parent):  # lightning_logs/, then the root it made
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
 
 
 @contextlib.contextmanager

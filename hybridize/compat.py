@@ -137,6 +137,26 @@ def attention_implementation(config, name: str) -> Iterator[None]:
         set_attention_implementation(config, saved)
 
 
+@contextlib.contextmanager
+def without_native_windows(text_config, attention_modules: dict[int, Any]) -> Iterator[None]:
+    """Native sliding-window layers (Qwen2 family: `text_config.layer_types[i] == "sliding_attention"`, and the
+    attention module's `sliding_window`, which only the flash path reads) attend to the whole sequence inside the
+    block: the model builds their masks from `layer_types` at every forward. Restored after, also on error."""
+    saved_types = list(getattr(text_config, "layer_types", None) or [])
+    saved_windows = {
+        idx: getattr(module, "sliding_window", None) for idx, module in attention_modules.items()
+    }
+    try:
+        for idx, module in attention_modules.items():
+            text_config.layer_types[idx] = "full_attention"
+            module.sliding_window = None
+        yield
+    finally:
+        for idx, module in attention_modules.items():
+            text_config.layer_types[idx] = saved_types[idx]
+            module.sliding_window = saved_windows[idx]
+
+
 def auto_model_class(auto_class, config_class) -> type | None:
     """The model class an Auto class builds for a config class, or None."""
     mapping = auto_class._model_mapping

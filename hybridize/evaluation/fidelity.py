@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from hybridize.compat import without_native_windows
 from hybridize.converters.checkpoint import (
     base_layer_specs,
     check_output_dir,
@@ -84,21 +85,14 @@ def full_attention(hybrid: nn.Module) -> Iterator[None]:
         for idx in range(len(layout.layers))
         if isinstance(layout.attention(idx), SlidingWindowMixer)
     }
-    saved_types = list(getattr(text_config, "layer_types", None) or [])
-    saved_windows = {idx: getattr(layout.attention(idx), "sliding_window", None) for idx in native}
     try:
         for idx, mixer in wrapped.items():
             layout.set_attention(idx, mixer.attention)
-        for idx in native:
-            text_config.layer_types[idx] = "full_attention"
-            layout.attention(idx).sliding_window = None
-        yield
+        with without_native_windows(text_config, {idx: layout.attention(idx) for idx in native}):
+            yield
     finally:
         for idx, mixer in wrapped.items():
             layout.set_attention(idx, mixer)
-        for idx, window in saved_windows.items():
-            text_config.layer_types[idx] = saved_types[idx]
-            layout.attention(idx).sliding_window = window
 
 
 class PositionTotals:

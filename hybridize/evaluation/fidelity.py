@@ -26,7 +26,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from hybridize.compat import without_native_windows
 from hybridize.converters.checkpoint import (
     base_layer_specs,
     check_output_dir,
@@ -47,9 +46,9 @@ from hybridize.lightning_modules.teacher import (
     attach_teacher,
     detach_teacher,
     distillation_mode,
+    full_attention,
 )
 from hybridize.mixers.base import TokenMixer
-from hybridize.mixers.sliding_window import SlidingWindowMixer
 
 # Token metrics: name -> (per-token value, which tokens); "answer" tokens are labelled, "text" any real text token.
 TOKEN_METRICS = {
@@ -67,32 +66,6 @@ def sliding_window(hybrid: nn.Module) -> int | None:
     """The window of the hybrid's sliding-window layers (None if it has none)."""
     plan = layer_plan(hybrid.config)
     return plan.mixers.get("sliding_window", {}).get("window") if "sliding_window" in plan.layers else None
-
-
-@contextlib.contextmanager
-def full_attention(hybrid: nn.Module) -> Iterator[None]:
-    """Every sliding-window layer attends to the whole sequence for the duration, as in the teacher.
-
-    Wrapped layers (the `sliding_window` mixer) hand over to the teacher attention they wrap; native ones
-    (Qwen2 family: a per-layer type in the text config) become "full_attention" layers, whose mask the model
-    builds from `layer_types` at every forward, and their attention module forgets its window (which only the
-    flash-attention path reads)."""
-    layout = find_decoder_layout(hybrid)
-    text_config = layout.text_config
-    native = layer_plan(hybrid.config).native_layers
-    wrapped = {
-        idx: layout.attention(idx)
-        for idx in range(len(layout.layers))
-        if isinstance(layout.attention(idx), SlidingWindowMixer)
-    }
-    try:
-        for idx, mixer in wrapped.items():
-            layout.set_attention(idx, mixer.attention)
-        with without_native_windows(text_config, {idx: layout.attention(idx) for idx in native}):
-            yield
-    finally:
-        for idx, mixer in wrapped.items():
-            layout.set_attention(idx, mixer)
 
 
 class PositionTotals:
@@ -178,9 +151,9 @@ def measure_fidelity(
         valid = batch["attention_mask"].bool()
         outputs: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(full_attention(hybrid))
-            if layers:
-                stack.enter_context(distillation_mode(hybrid, "layerwise"))
+            # the teacher's pass: sliding-window layers attend to everything (distillation_mode does it when
+            # there are mixers to distil; a hybrid without any still needs it)
+            stack.enter_context(distillation_mode(hybrid, "layerwise") if layers else full_attention(hybrid))
             for idx, layer in layers.items():
                 for role in ("teacher", "student"):
                     hook = partial(_capture, outputs[idx], role)

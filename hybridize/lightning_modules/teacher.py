@@ -14,16 +14,19 @@ embeddings, MLPs, norms, vision tower and head exist once. Modes:
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 
+from hybridize.compat import without_native_windows
 from hybridize.converters.discovery import find_decoder_layout
 from hybridize.converters.hybrid_model import layer_plan
 from hybridize.lightning_modules.losses import masked_mse
 from hybridize.mixers.base import TokenMixer
 from hybridize.mixers.masks import key_padding_mask
+from hybridize.mixers.sliding_window import SlidingWindowMixer
 
 MODES = ("teacher", "student", "layerwise")
 
@@ -109,6 +112,32 @@ def teacher_detached(hybrid: nn.Module):
             layout.set_attention(idx, module)
 
 
+@contextmanager
+def full_attention(hybrid: nn.Module) -> Iterator[None]:
+    """Every sliding-window layer attends to the whole sequence for the duration, as in the teacher.
+
+    Wrapped layers (the `sliding_window` mixer) hand over to the teacher attention they wrap; native ones
+    (Qwen2 family: a per-layer type in the text config) become "full_attention" layers, whose mask the model
+    builds from `layer_types` at every forward, and their attention module forgets its window (which only the
+    flash-attention path reads)."""
+    layout = find_decoder_layout(hybrid)
+    text_config = layout.text_config
+    native = layer_plan(hybrid.config).native_layers
+    wrapped = {
+        idx: layout.attention(idx)
+        for idx in range(len(layout.layers))
+        if isinstance(layout.attention(idx), SlidingWindowMixer)
+    }
+    try:
+        for idx, mixer in wrapped.items():
+            layout.set_attention(idx, mixer.attention)
+        with without_native_windows(text_config, {idx: layout.attention(idx) for idx in native}):
+            yield
+    finally:
+        for idx, mixer in wrapped.items():
+            layout.set_attention(idx, mixer)
+
+
 def distilled_layers(hybrid: nn.Module) -> list[DistilledLayer]:
     return [module for module in hybrid.modules() if isinstance(module, DistilledLayer)]
 
@@ -125,7 +154,10 @@ def distillation_mode(hybrid: nn.Module, mode: str):
     for layer in layers:
         layer.mode, layer.loss = mode, None
     try:
-        yield layers
+        # As the teacher, sliding-window layers attend to everything: beyond the window the teacher's logits
+        # (1b) and the inputs each mixer learns from (1a) are the full-attention model's.
+        with full_attention(hybrid) if mode != "student" else nullcontext():
+            yield layers
     finally:
         for layer, mode_before in zip(layers, previous, strict=True):
             layer.mode = mode_before

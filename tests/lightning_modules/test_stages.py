@@ -23,6 +23,7 @@ from hybridize.mixers import TokenMixer
 from hybridize.presets import tiny_model
 from tests.lightning_modules.conftest import (
     LAYERS,
+    PLAN,
     batches,
     converted,
     fit,
@@ -40,9 +41,10 @@ def mixer_prefixes(model):
     )
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2_5_vl"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2_5_vl"])  # wrapped and native sliding windows
 def test_teacher_mode_is_the_teacher_and_student_mode_the_hybrid(model_type):
-    hybrid, teacher, _ = converted(model_type)
+    """Also beyond the window (4 of the 24 tokens): as the teacher, sliding-window layers attend to everything."""
+    hybrid, teacher, _ = converted(model_type, plan={**PLAN, "window": 4})
     hybrid.eval()
     inputs = {key: value for key, value in batches(1)[0].items() if key != "labels"}
     with torch.no_grad():
@@ -52,7 +54,13 @@ def test_teacher_mode_is_the_teacher_and_student_mode_the_hybrid(model_type):
             assert torch.equal(hybrid(**inputs).logits, teacher(**inputs).logits)
         with distillation_mode(hybrid, "student"):
             assert torch.equal(hybrid(**inputs).logits, student_before)
+        with distillation_mode(
+            hybrid, "layerwise"
+        ):  # every layer hands on the teacher's output (no cache: training)
+            assert torch.equal(hybrid(**inputs, use_cache=False).logits, teacher(**inputs).logits)
     detach_teacher(hybrid)
+    with torch.no_grad():
+        assert torch.equal(hybrid(**inputs).logits, student_before)  # the windows are back
     assert not any(type(m).__name__ == "DistilledLayer" for m in hybrid.modules())
 
 

@@ -24,9 +24,10 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 import hybridize
 from hybridize.converters import convert, plan_layers
-from hybridize.inference.chat import chat_inputs, greedy_decode_without_cache
+from hybridize.inference.chat import chat_inputs
 from hybridize.mixers.ops.backends import fla_available
 from hybridize.presets import qwen2_5_vl_3b_config, tiny_qwen2_5_vl
+from hybridize.testing import greedy_decode_without_cache
 
 try:
     from transformers.initialization import no_init_weights

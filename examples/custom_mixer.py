@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import hybridize
-from hybridize.inference.chat import greedy_decode_without_cache
 from hybridize.mixers import INIT_POLICIES, teacher_projections
+from hybridize.testing import greedy_decode_without_cache
 
 
 @dataclass

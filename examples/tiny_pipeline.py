@@ -17,8 +17,8 @@ from pathlib import Path
 from hybridize import cli
 from hybridize.converters import load, load_processor, read_plan
 from hybridize.inference.chat import generate_reply
-from hybridize.lightning_modules.synthetic import write_synthetic_chat_data
 from hybridize.media import load_image
+from hybridize.testing.synthetic import write_synthetic_chat_data
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "infinitevl"
 STAGES = ("stage1_layerwise", "stage1_e2e", "stage2_sft", "stage3_long_sft")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hybridize.cli import build_parser, main
-from hybridize.lightning_modules.synthetic import write_synthetic_chat_data
+from hybridize.testing.synthetic import write_synthetic_chat_data
 from tests.conftest import make_image
 from tests.inference.test_streaming import write_video
 

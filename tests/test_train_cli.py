@@ -11,8 +11,8 @@ import yaml
 
 from hybridize import cli
 from hybridize.converters import convert, plan_layers, read_plan, save_hybrid
-from hybridize.lightning_modules.synthetic import write_synthetic_chat_data
 from hybridize.presets import tiny_qwen2_5_vl
+from hybridize.testing.synthetic import write_synthetic_chat_data
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "infinitevl"
 

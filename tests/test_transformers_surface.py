@@ -21,11 +21,11 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
 from hybridize.compat import CACHE_KEYWORD, cache_argument, output_cache, pop_cache
 from hybridize.converters import convert, plan_layers
-from hybridize.inference.chat import greedy_decode_without_cache
 from hybridize.inference.decode import StaticDecoder
 from hybridize.inference.static_cache import StaticHybridCache
 from hybridize.mixers.base import TokenMixer
 from hybridize.mixers.cache import MixerCacheLayer
+from hybridize.testing import greedy_decode_without_cache
 from tests.inference.test_streaming import QUESTION, frames, one_shot_inputs, stream_of
 
 pytestmark = pytest.mark.transformers_surface

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from hybridize.converters.discovery import rotary_kind
-
 
 def chat_inputs(processor, prompts: list[str], images: list[list[Image.Image]] | None = None) -> dict:
     """Model inputs for a batch of one-turn user chats, left-padded for generation."""
@@ -56,36 +54,3 @@ def generate_reply(
         )
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return processor.batch_decode(new_tokens, skip_special_tokens=True)[0]
-
-
-@torch.inference_mode()
-def greedy_decode_without_cache(model, inputs: dict, steps: int) -> torch.Tensor:
-    """Greedy decoding that reruns the whole sequence at every step with no cache: the slow, obviously
-    correct reference that `generate()` with the hybrid cache must reproduce token for token. Stops as
-    generate() does: a row that emits an end-of-sequence token gets the pad token after it, and the loop
-    ends when every row has."""
-    inputs = dict(inputs)
-    config = model.generation_config
-    eos = config.eos_token_id if config.eos_token_id is not None else []
-    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=inputs["input_ids"].device)
-    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0].item() if len(eos) else 0)
-    finished = torch.zeros(inputs["input_ids"].shape[0], 1, dtype=torch.bool, device=eos.device)
-    # 1-D RoPE models get generate()'s padding-aware positions (M-RoPE models derive theirs from the mask).
-    # RoPE is relative, but its tables are fp32: other absolute positions would move logits by ~1e-7.
-    padding_aware_positions = rotary_kind(model.config.get_text_config(decoder=True)) == "rope"
-    for _ in range(steps):
-        if padding_aware_positions:
-            mask = inputs["attention_mask"].long()
-            inputs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        token = model(**inputs, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-        token = token.masked_fill(finished, pad)
-        finished = finished | torch.isin(token, eos)
-        inputs["input_ids"] = torch.cat([inputs["input_ids"], token], dim=1)
-        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(token)], dim=1)
-        if "mm_token_type_ids" in inputs:  # appended tokens are text (type 0)
-            inputs["mm_token_type_ids"] = torch.cat(
-                [inputs["mm_token_type_ids"], torch.zeros_like(token)], dim=1
-            )
-        if finished.all():
-            break
-    return inputs["input_ids"]

@@ -11,9 +11,9 @@ from transformers import Qwen2VLImageProcessorPil
 import hybridize
 from hybridize.converters import TESTED_MODEL_TYPES, convert, plan_layers, save_hybrid
 from hybridize.converters.checkpoint import base_layer_specs
-from hybridize.inference.chat import greedy_decode_without_cache
 from hybridize.mixers import TokenMixer
 from hybridize.presets import SPECIAL_TOKEN_IDS, TINY_CONFIGS, tiny_model
+from hybridize.testing import greedy_decode_without_cache
 from tests.conftest import make_image
 
 pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers

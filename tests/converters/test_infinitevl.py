@@ -24,7 +24,7 @@ from hybridize.converters.infinitevl import (
     is_infinitevl_checkpoint,
     load_infinitevl,
 )
-from hybridize.inference.chat import chat_inputs, greedy_decode_without_cache
+from hybridize.inference.chat import chat_inputs
 from hybridize.lightning_modules.stage import check_plan, check_previous_stage
 from hybridize.mixers.gated_deltanet import GatedDeltaNetMixer
 from hybridize.presets import (
@@ -33,6 +33,7 @@ from hybridize.presets import (
     tiny_qwen2_5_vl_config,
     tiny_qwen2_5_vl_processor,
 )
+from hybridize.testing import greedy_decode_without_cache
 from tests.conftest import make_image
 
 pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers

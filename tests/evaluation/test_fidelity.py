@@ -12,8 +12,8 @@ import torch
 from hybridize.converters import convert, load, plan_layers, save_hybrid
 from hybridize.evaluation.fidelity import measure_fidelity, teacher_inside
 from hybridize.lightning_modules import EndToEndDistillation, LayerwiseDistillation, detach_teacher
-from hybridize.lightning_modules.synthetic import write_synthetic_chat_data
 from hybridize.presets import tiny_qwen2_5_vl
+from hybridize.testing.synthetic import write_synthetic_chat_data
 from tests.evaluation.conftest import run_eval
 from tests.lightning_modules.conftest import batches, converted, fit
 

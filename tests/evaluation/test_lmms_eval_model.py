@@ -17,8 +17,8 @@ pytest.importorskip("lmms_eval")
 
 from hybridize.converters import convert, plan_layers, save_hybrid  # noqa: E402
 from hybridize.evaluation.tasks import SHORT_ANSWER, generate_texts, load_model  # noqa: E402
-from hybridize.lightning_modules.synthetic import COLOURS, square_image  # noqa: E402
 from hybridize.presets import tiny_qwen2_5_vl  # noqa: E402
+from hybridize.testing.synthetic import COLOURS, square_image  # noqa: E402
 
 UTILS = """
 from PIL import Image

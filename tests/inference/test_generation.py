@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from hybridize.converters import convert, plan_layers
-from hybridize.inference.chat import chat_inputs, generate_reply, greedy_decode_without_cache
+from hybridize.inference.chat import chat_inputs, generate_reply
+from hybridize.testing import greedy_decode_without_cache
 from tests.conftest import make_image
 
 pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers

@@ -22,8 +22,8 @@ from hybridize.lightning_modules.data import (
     collate,
     normalize_record,
 )
-from hybridize.lightning_modules.synthetic import write_synthetic_chat_data
 from hybridize.presets import tiny_model, tiny_model_with_tokenizer, tiny_qwen2_5_vl_processor
+from hybridize.testing.synthetic import write_synthetic_chat_data
 
 pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
 

@@ -527,12 +527,11 @@ def stream_video(args: argparse.Namespace, duration: float, schedule: list[tuple
 
 
 def run_import(args: argparse.Namespace) -> None:
-    from hybridize.converters.checkpoint import check_output_dir, parse_dtype
+    from hybridize.converters.checkpoint import parse_dtype
     from hybridize.converters.infinitevl import import_infinitevl
 
     parse_dtype(args.dtype)
-    check_output_dir(args.out, args.overwrite)
-    out = import_infinitevl(
+    out = import_infinitevl(  # refuses a non-empty --out before any work
         args.source, args.out, overwrite=args.overwrite, dtype=args.dtype, stage=args.stage
     )
     print(f"saved hybrid to {out}")

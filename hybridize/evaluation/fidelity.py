@@ -37,7 +37,7 @@ from hybridize.converters.checkpoint import (
 )
 from hybridize.converters.discovery import find_decoder_layout
 from hybridize.converters.hybrid_model import HYBRID_PREFIX, layer_plan
-from hybridize.evaluation import metrics
+from hybridize.evaluation import default_placement, metrics
 from hybridize.evaluation.report import write_fidelity_report
 from hybridize.lightning_modules.data import ChatDataset, collate, expand_data_files
 from hybridize.lightning_modules.distillation import check_shared_weights
@@ -267,8 +267,7 @@ def evaluate_fidelity(
 ) -> dict:
     """The `hybridize eval fidelity` command: check, read the data, load, measure, write the report to `out`."""
     files = check_fidelity_arguments(hybrid, teacher, data, out, max_samples, max_length, batch_size)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    device, dtype = default_placement(device, dtype)
     processor = load_processor(hybrid)
     if processor is None:
         raise ValueError(f"{hybrid!r} has no saved processor or tokenizer to encode --data with.")

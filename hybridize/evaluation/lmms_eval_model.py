@@ -22,6 +22,7 @@ from lmms_eval.api.registry import register_model
 from PIL import Image
 from tqdm.auto import tqdm
 
+from hybridize.evaluation import default_placement
 from hybridize.evaluation.lmms_eval_plugin import NAME
 from hybridize.evaluation.tasks import VIDEO_FPS, check_model, generate_texts, load_model, video_frames
 from hybridize.inference.chat import chat_inputs
@@ -55,8 +56,7 @@ class HybridizeModel(lmms):
         if kwargs:
             raise ValueError(f"Unknown model_args {sorted(kwargs)} for the hybridize model.")
         check_model(pretrained, "pretrained")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
+        device, dtype = default_placement(device, dtype)
         self.model, self.processor = load_model(pretrained, dtype=dtype, device=device)
         self.batch_size = int(batch_size)
         self.max_new_tokens, self.video_fps = int(max_new_tokens), float(video_fps)

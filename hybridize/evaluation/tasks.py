@@ -33,7 +33,7 @@ from hybridize.converters.checkpoint import (
     load_processor,
 )
 from hybridize.converters.hybrid_model import HYBRID_PREFIX
-from hybridize.evaluation import metrics
+from hybridize.evaluation import default_placement, metrics
 from hybridize.evaluation.report import write_task_report
 from hybridize.inference.chat import chat_inputs
 from hybridize.media import load_image
@@ -186,28 +186,6 @@ def video_frames(path: str | Path, fps: float = VIDEO_FPS) -> list:
     return [frame for _, frame in sample_video(path, fps)]
 
 
-def chat_batch(processor, prompts: list[str], images: list[list], videos: list[list | None]) -> dict:
-    """Model inputs for one-turn user chats, left-padded: each prompt after its images (PIL) or its video (a
-    list of frames). Image-only batches go through `chat_inputs`, the same path as `hybridize generate`."""
-    if not any(videos):
-        return chat_inputs(processor, prompts, images)
-    if not hasattr(processor, "video_processor"):
-        raise ValueError(
-            "This model's processor has no video processor; it cannot answer questions on videos."
-        )
-    texts = []
-    for prompt, prompt_images, video in zip(prompts, images, videos, strict=True):
-        content = [{"type": "video"}] if video else [{"type": "image"} for _ in prompt_images]
-        messages = [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
-        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-    processor.tokenizer.padding_side = "left"
-    flat_images = [image for prompt_images in images for image in prompt_images]
-    clips = [video for video in videos if video]
-    return dict(
-        processor(text=texts, images=flat_images or None, videos=clips, return_tensors="pt", padding=True)
-    )
-
-
 @torch.no_grad()
 def generate_texts(
     model,
@@ -218,11 +196,11 @@ def generate_texts(
     *,
     max_new_tokens: int,
 ) -> list[str]:
-    """Greedy replies to a batch of chats (`chat_batch`); on CUDA decoded over the static hybrid cache."""
+    """Greedy replies to a batch of chats (`chat_inputs`); on CUDA decoded over the static hybrid cache."""
     from hybridize.inference.decode import generate_fast
 
     inputs = {
-        key: value.to(model.device) for key, value in chat_batch(processor, prompts, images, videos).items()
+        key: value.to(model.device) for key, value in chat_inputs(processor, prompts, images, videos).items()
     }
     decode = partial(generate_fast, model) if model.device.type == "cuda" else model.generate
     output = decode(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -292,8 +270,7 @@ def evaluate_tasks(
     models = [model] + ([compare] if compare else [])
     for name, flag in zip(models, ("MODEL", "--compare"), strict=False):
         check_model(name, flag)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    device, dtype = default_placement(device, dtype)
     results = {
         "tasks": {
             name: {"file": str(path), "metric": _metrics_of(tasks[name]), "samples": len(tasks[name])}

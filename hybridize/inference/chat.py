@@ -1,4 +1,4 @@
-"""Chat-style generation with a (hybrid) model and its processor: text prompt, optional images."""
+"""Chat-style generation with a (hybrid) model and its processor: text prompt, optional images or video."""
 
 from __future__ import annotations
 
@@ -6,22 +6,35 @@ import torch
 from PIL import Image
 
 
-def chat_inputs(processor, prompts: list[str], images: list[list[Image.Image]] | None = None) -> dict:
-    """Model inputs for a batch of one-turn user chats, left-padded for generation."""
+def chat_inputs(
+    processor,
+    prompts: list[str],
+    images: list[list[Image.Image]] | None = None,
+    videos: list[list | None] | None = None,
+) -> dict:
+    """Model inputs for a batch of one-turn user chats, left-padded for generation: each prompt after its images
+    (PIL) and its video (a list of frames, or None)."""
     images = images or [[] for _ in prompts]
-    if len(images) != len(prompts):
-        raise ValueError(f"Got {len(prompts)} prompts but {len(images)} image lists.")
+    videos = videos or [None for _ in prompts]
+    if not len(images) == len(videos) == len(prompts):
+        raise ValueError(
+            f"Got {len(prompts)} prompts but {len(images)} image lists and {len(videos)} videos."
+        )
+    clips = [video for video in videos if video]
+    if clips and not hasattr(processor, "video_processor"):
+        raise ValueError(
+            "This model's processor has no video processor; it cannot answer questions on videos."
+        )
     texts = []
-    for prompt, prompt_images in zip(prompts, images, strict=True):
-        content = [{"type": "image"} for _ in prompt_images] + [{"type": "text", "text": prompt}]
-        messages = [{"role": "user", "content": content}]
+    for prompt, prompt_images, video in zip(prompts, images, videos, strict=True):
+        content = [{"type": "image"} for _ in prompt_images] + ([{"type": "video"}] if video else [])
+        messages = [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
         texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
     tokenizer = getattr(processor, "tokenizer", processor)
     tokenizer.padding_side = "left"
-    flat_images = [image for prompt_images in images for image in prompt_images]
-    if flat_images:
-        return dict(processor(text=texts, images=flat_images, return_tensors="pt", padding=True))
-    return dict(processor(text=texts, return_tensors="pt", padding=True))
+    media = {"images": [image for prompt_images in images for image in prompt_images], "videos": clips}
+    media = {kind: items for kind, items in media.items() if items}
+    return dict(processor(text=texts, **media, return_tensors="pt", padding=True))
 
 
 @torch.no_grad()

@@ -395,9 +395,8 @@ def static_generate(
     decoder.cache.reset()
     decoder.cache.check_room(prompt_length + max(new_tokens - 1, 0))
 
-    streamer = token_streamer
-    if streamer is not None:  # it gets each token on the host: check for the end at every step too
-        streamer.put(input_ids.cpu())
+    if token_streamer is not None:  # it gets each token on the host: check for the end at every step too
+        token_streamer.put(input_ids.cpu())
         sync_every = 1
     logits = decoder.prefill(input_ids, chunk_size=prefill_chunk_size, **inputs)
     pad_token_id = pad_token_tensor(generation_config)
@@ -420,8 +419,8 @@ def static_generate(
             next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
         sequences[:, length] = next_tokens
         length += 1
-        if streamer is not None:  # a host copy per token: only when asked for
-            streamer.put(next_tokens.cpu())
+        if token_streamer is not None:  # a host copy per token: only when asked for
+            token_streamer.put(next_tokens.cpu())
         unfinished = unfinished & ~stopping_criteria(sequences[:, :length], scores)
         all_finished[step] = unfinished.max() == 0
         last = step == new_tokens - 1
@@ -432,8 +431,8 @@ def static_generate(
                 break
         if not last:
             logits = decoder.step(next_tokens)
-    if streamer is not None:
-        streamer.end()
+    if token_streamer is not None:
+        token_streamer.end()
     return sequences[:, :length]
 
 

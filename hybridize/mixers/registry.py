@@ -74,12 +74,8 @@ def check_option_type(mixer: str, key: str, value: Any, hint: Any) -> None:
     )
     if not all(kind in SCALARS for kind in accepted):
         return
-    for kind in accepted:
-        if kind is bool or isinstance(value, bool):
-            if kind is bool and isinstance(value, bool):
-                return
-        elif kind is float and isinstance(value, (int, float)) or isinstance(value, kind):
-            return
+    if any(_is_a(value, kind) for kind in accepted):
+        return
     names = " or ".join("None" if kind is type(None) else kind.__name__ for kind in accepted)
     raise ValueError(f"Option {mixer}.{key}={value!r} must be {names}, not {type(value).__name__}.")
 
@@ -108,3 +104,9 @@ def build_mixer(
     if teacher_attention is not None:
         mixer.initialize_from_teacher(teacher_attention, getattr(resolved, "init", "mimic"))
     return mixer
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if kind is bool or isinstance(value, bool):  # bool is an int to Python, never to a mixer option
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if kind is float else kind)

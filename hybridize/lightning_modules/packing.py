@@ -3,7 +3,8 @@
 The data module gives 1-D text positions that restart at every sample and transformers' packing kwargs
 (`cu_seq_lens_q`: the sample boundaries over the flattened batch). Models with 1-D RoPE take those positions
 as they are; transformers then builds block-diagonal attention masks from them (with no attention_mask),
-and the mixers reset their state at the same boundaries (`TokenMixer.forward_packed`). Qwen-VL models with
+and the mixers reset their state at the same boundaries (`TokenMixer.forward_varlen`: one call through the
+varlen kernels on CUDA; `TokenMixer.forward_per_sequence` elsewhere). Qwen-VL models with
 multimodal RoPE need (4, B, T) positions: the text positions (which the masks are built from) on top of the
 three M-RoPE axes, computed per sample by the model's own `get_rope_index`.
 """

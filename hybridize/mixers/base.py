@@ -6,6 +6,11 @@ position_embeddings=(cos, sin), **kwargs)` with keywords only and use the first 
 returns `(output, None)` with output shaped like hidden_states. The cache keyword is `past_key_values` up to
 transformers 5.23 and `cache` from 5.24; `TokenMixer.__call__` hands it to `forward` as `cache` on every
 version (`hybridize.compat.pop_cache`), so mixers are written once.
+
+Packed training rows arrive with transformers' flash-attention packing kwargs (`cu_seq_lens_q`: the sample
+boundaries over the flattened batch). A mixer whose kernels take packed sequences gets them as one row with
+`cu_seqlens` (`forward_varlen`: one call, the boundaries left on the device); otherwise, and on the
+pure-PyTorch path, it runs once per sample (`forward_per_sequence`, the reference).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import nn
 from hybridize.compat import pop_cache
 from hybridize.mixers.cache import mixer_cache_layer
 from hybridize.mixers.masks import key_padding_mask
+from hybridize.mixers.ops.backends import resolve_backend
 
 INIT_POLICIES = ("mimic", "attention_transfer")
 
@@ -75,8 +81,12 @@ class TokenMixer(nn.Module):
     # pure-PyTorch reference ("torch") is always there.
     kernels: ClassVar[tuple[str, ...]] = ()
     # A mixer that resets its state at the boundaries of packed sequences itself (reading `cu_seq_lens_q`)
-    # says so here; otherwise `__call__` runs it once per packed sequence.
+    # says so here; otherwise `__call__` runs it once per packed sequence (or once per row: `varlen_kernels`).
     supports_packing: ClassVar[bool] = False
+    # True when every library in `kernels` takes packed sequences in one call: where the mixer's backend (its
+    # config's `backend`, resolved for the input's device) is one of them, `forward` gets a packed batch as one
+    # row (1, B*T, D) with `cu_seqlens`, the sample boundaries, and restarts its states there itself.
+    varlen_kernels: ClassVar[bool] = False
     # Linear layers (attribute paths) that each read the mixer's input hidden states, in the order
     # `project_inputs` returns them. `hybridize.inference.fusion.fuse_projections` lays their weights out side by
     # side in one matrix, so that inference computes them in one matrix product.
@@ -95,40 +105,74 @@ class TokenMixer(nn.Module):
         boundaries = kwargs.get("cu_seq_lens_q")
         if boundaries is None or self.supports_packing:
             return super().__call__(*args, **kwargs)
-        return self.forward_packed(boundaries, *args, **kwargs)
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if self.packs_in_one_call(hidden_states.device):
+            return self.forward_varlen(boundaries, *args, **kwargs)
+        return self.forward_per_sequence(boundaries, *args, **kwargs)
 
-    def forward_packed(
+    def packs_in_one_call(self, device: torch.device) -> bool:
+        """True when a packed batch on `device` runs through this mixer's varlen kernels (`forward_varlen`)."""
+        if not self.varlen_kernels:
+            return False
+        return resolve_backend(self.config.backend, device, self.name, self.kernels) != "torch"
+
+    def forward_varlen(
         self, boundaries: torch.Tensor, hidden_states: torch.Tensor, **kwargs: Any
     ) -> tuple[torch.Tensor, None]:
-        """Packed sequences (transformers' flash-attention packing kwargs: `cu_seq_lens_q` holds the sequence
-        boundaries over the flattened batch): run the mixer on each sequence alone, from an empty state."""
-        if kwargs.get("cache") is not None and kwargs.get("use_cache"):
-            raise ValueError(
-                "Packed sequences (cu_seq_lens_q) are a training input; generation with a cache takes one "
-                "sequence per row (pad instead of packing)."
-            )
-        batch, length, width = hidden_states.shape
+        """Packed sequences in one call: the batch as one row (1, B*T, D), `forward` given the boundaries as
+        `cu_seqlens`. The boundaries stay on the device, unread (checking their values would stall the host
+        on every layer); `forward_per_sequence` checks them."""
+        batch, length, _ = hidden_states.shape
+        row, common = self._packed_row(boundaries, hidden_states, kwargs)
+        out = super().__call__(hidden_states=row, cu_seqlens=boundaries, **common)[0]
+        return out.view(batch, length, -1), None
+
+    def forward_per_sequence(
+        self, boundaries: torch.Tensor, hidden_states: torch.Tensor, **kwargs: Any
+    ) -> tuple[torch.Tensor, None]:
+        """Packed sequences one at a time: the mixer on each sequence alone, from an empty state. The reference
+        for `forward_varlen`, and the path of every mixer and backend without varlen kernels."""
+        batch, length, _ = hidden_states.shape
         bounds = boundaries.tolist()
         if bounds[0] != 0 or bounds[-1] != batch * length or sorted(bounds) != bounds:
             raise ValueError(
                 f"cu_seq_lens_q must rise from 0 to batch * length = {batch * length}; got {bounds}."
             )
-        flat = hidden_states.reshape(1, batch * length, width)
-        rotary = kwargs.get("position_embeddings")
-        if rotary is not None:  # (B, T, D) cos and sin -> (1, B*T, D), sliced like the tokens
-            rotary = tuple(
-                part.expand(batch, *part.shape[1:]).reshape(1, batch * length, -1) for part in rotary
-            )
-        dropped = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids")
-        common = {key: value for key, value in kwargs.items() if key not in dropped}
-        common.update(attention_mask=None, cache=None, use_cache=False)
+        row, common = self._packed_row(boundaries, hidden_states, kwargs)
+        rotary = common["position_embeddings"]
         outputs = []
         for start, end in zip(bounds[:-1], bounds[1:], strict=False):
             if end > start:
                 if rotary is not None:
                     common["position_embeddings"] = tuple(part[:, start:end] for part in rotary)
-                outputs.append(super().__call__(hidden_states=flat[:, start:end], **common)[0])
+                outputs.append(super().__call__(hidden_states=row[:, start:end], **common)[0])
         return torch.cat(outputs, dim=1).view(batch, length, -1), None
+
+    def _packed_row(
+        self, boundaries: torch.Tensor, hidden_states: torch.Tensor, kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The packed batch as one row (1, B*T, D) and the keywords `forward` runs on it: rotary tables
+        flattened alike, no mask, cache or positions (the boundaries say where each sequence starts)."""
+        if kwargs.get("cache") is not None and kwargs.get("use_cache"):
+            raise ValueError(
+                "Packed sequences (cu_seq_lens_q) are a training input; generation with a cache takes one "
+                "sequence per row (pad instead of packing)."
+            )
+        if boundaries.dim() != 1 or boundaries.numel() < 2:
+            raise ValueError(
+                "cu_seq_lens_q must be the N+1 boundaries of N packed sequences (1-D), got shape "
+                f"{tuple(boundaries.shape)}."
+            )
+        batch, length, width = hidden_states.shape
+        rotary = kwargs.get("position_embeddings")
+        if rotary is not None:  # (B, T, D) cos and sin -> (1, B*T, D), laid out like the tokens
+            rotary = tuple(
+                part.expand(batch, *part.shape[1:]).reshape(1, batch * length, -1) for part in rotary
+            )
+        dropped = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids")
+        common = {key: value for key, value in kwargs.items() if key not in dropped}
+        common.update(attention_mask=None, cache=None, use_cache=False, position_embeddings=rotary)
+        return hidden_states.reshape(1, batch * length, width), common
 
     def forward(
         self,

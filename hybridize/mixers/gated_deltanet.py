@@ -79,6 +79,7 @@ class GatedDeltaNetConfig(MixerConfig):
 class GatedDeltaNetMixer(TokenMixer):
     config_class = GatedDeltaNetConfig
     kernels = ("fla",)
+    varlen_kernels = True
     input_projections = ("q_proj", "k_proj", "v_proj", "a_proj", "b_proj", "g_proj")
 
     def __init__(self, config: GatedDeltaNetConfig, spec: AttentionSpec, layer_idx: int, attention=None):
@@ -167,8 +168,11 @@ class GatedDeltaNetMixer(TokenMixer):
         cache=None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        """cu_seqlens (N+1,): hidden_states (1, T, hidden) is N sequences packed in one row, each mixed from
+        empty conv and recurrent states (`TokenMixer.forward_varlen`)."""
         batch, length, _ = hidden_states.shape
         # Zeroed inputs with beta = 0 and g = 0 leave conv and recurrent states exactly as unpadded.
         hidden_states, valid, slot, states = self.begin_recurrent_forward(
@@ -176,9 +180,9 @@ class GatedDeltaNetMixer(TokenMixer):
         )
 
         q, k, v, a, b, gate = self.project_inputs(hidden_states)
-        q, conv_q = self.q_conv1d(q, states.get("conv_q"))
-        k, conv_k = self.k_conv1d(k, states.get("conv_k"))
-        v, conv_v = self.v_conv1d(v, states.get("conv_v"))
+        q, conv_q = self.q_conv1d(q, states.get("conv_q"), cu_seqlens)
+        k, conv_k = self.k_conv1d(k, states.get("conv_k"), cu_seqlens)
+        v, conv_v = self.v_conv1d(v, states.get("conv_v"), cu_seqlens)
         # (B, T, H*D) -> (B, T, H, D)
         q = q.view(batch, length, self.num_heads, self.head_k_dim)
         k = k.view(batch, length, self.num_heads, self.head_k_dim)
@@ -198,6 +202,7 @@ class GatedDeltaNetMixer(TokenMixer):
             initial_state=states.get("recurrent"),
             output_final_state=slot is not None,
             backend=self.config.backend,
+            cu_seqlens=cu_seqlens,
         )
         if slot is not None:
             slot.store(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v, recurrent=recurrent)

@@ -82,6 +82,7 @@ class GLAConfig(MixerConfig):
 class GLAMixer(TokenMixer):
     config_class = GLAConfig
     kernels = ("fla",)
+    varlen_kernels = True
     input_projections = ("q_proj", "k_proj", "v_proj", "g_proj")
 
     def __init__(self, config: GLAConfig, spec: AttentionSpec, layer_idx: int, attention=None):
@@ -148,8 +149,11 @@ class GLAMixer(TokenMixer):
         cache=None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        """cu_seqlens (N+1,): hidden_states (1, T, hidden) is N sequences packed in one row, each mixed from
+        empty conv and recurrent states (`TokenMixer.forward_varlen`)."""
         batch, length, _ = hidden_states.shape
         # Zeroed inputs give k = 0 (nothing written) and zero conv inputs; with gk = 0 below nothing decays
         # either, so left padding leaves the conv and recurrent states exactly as without it.
@@ -159,9 +163,9 @@ class GLAMixer(TokenMixer):
 
         q, k, v, gate = self.project_inputs(hidden_states)
         if self.config.use_short_conv:
-            q, conv_q = self.q_conv1d(q, states.get("conv_q"))
-            k, conv_k = self.k_conv1d(k, states.get("conv_k"))
-            v, conv_v = self.v_conv1d(v, states.get("conv_v"))
+            q, conv_q = self.q_conv1d(q, states.get("conv_q"), cu_seqlens)
+            k, conv_k = self.k_conv1d(k, states.get("conv_k"), cu_seqlens)
+            v, conv_v = self.v_conv1d(v, states.get("conv_v"), cu_seqlens)
         # (B, T, H*D) -> (B, T, H, D)
         q = q.view(batch, length, self.num_heads, self.head_k_dim)
         k = k.view(batch, length, self.num_heads, self.head_k_dim)
@@ -179,6 +183,7 @@ class GLAMixer(TokenMixer):
             initial_state=states.get("recurrent"),
             output_final_state=slot is not None,
             backend=self.config.backend,
+            cu_seqlens=cu_seqlens,
         )
         if slot is not None:
             slot.store(recurrent=recurrent)  # (B, H, K, V) fp32

@@ -99,6 +99,7 @@ class Mamba2Config(MixerConfig):
 class Mamba2Mixer(TokenMixer):
     config_class = Mamba2Config
     kernels = ("mamba_ssm", "fla")
+    varlen_kernels = True
 
     def __init__(self, config: Mamba2Config, spec: AttentionSpec, layer_idx: int, attention=None):
         super().__init__(config, spec, layer_idx)
@@ -170,8 +171,11 @@ class Mamba2Mixer(TokenMixer):
         cache=None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        """cu_seqlens (N+1,): hidden_states (1, T, hidden) is N sequences packed in one row, each mixed from
+        empty conv and recurrent states (`TokenMixer.forward_varlen`)."""
         batch, length, _ = hidden_states.shape
         # Zeroed inputs give zero conv inputs, and dt = 0 leaves the SSM state untouched: both states end
         # exactly as without the (left) padding.
@@ -183,7 +187,7 @@ class Mamba2Mixer(TokenMixer):
         z, xBC, dt = self.in_proj(hidden_states).split(
             [self.inner_size, self.conv_dim, self.num_heads], dim=-1
         )
-        xBC, conv_state = self.conv1d(xBC, states.get("conv"))
+        xBC, conv_state = self.conv1d(xBC, states.get("conv"), cu_seqlens)
         x, Bm, Cm = xBC.split([self.inner_size, self.group_dim, self.group_dim], dim=-1)
         dtype = compute_dtype(hidden_states)
         dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))
@@ -199,6 +203,7 @@ class Mamba2Mixer(TokenMixer):
             initial_state=states.get("ssm"),
             output_final_state=slot is not None,
             backend=self.config.backend,
+            cu_seqlens=cu_seqlens,
         )
         if slot is not None:
             slot.store(conv=conv_state, ssm=ssm_state)

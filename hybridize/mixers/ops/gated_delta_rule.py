@@ -4,7 +4,8 @@ Layouts follow fla: q, k (B, T, H, K); v (B, T, H, V); g (log decay a_t = exp(g_
 the recurrent state is K-first (B, H, K, V) and always fp32.
 
 Two pure-PyTorch references (a chunked WY form for prefill/training, a step-by-step recurrence for decode)
-and a dispatcher that uses fla's Triton kernels on CUDA when fla is installed.
+and a dispatcher that uses fla's Triton kernels on CUDA when fla is installed. Packed rows (`cu_seqlens`,
+ops/varlen.py) run through fla's varlen kernels in one call, or through a reference once per sequence.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from hybridize.mixers.ops.backends import choose_mode, resolve_backend
 from hybridize.mixers.ops.dtypes import compute_dtype
+from hybridize.mixers.ops.varlen import check_packed_inputs, run_per_sequence
 
 L2NORM_EPS = 1e-6  # fla's l2norm epsilon
 
@@ -129,11 +131,12 @@ def fla_gated_delta_rule(
     initial_state: torch.Tensor | None,
     use_qk_l2norm: bool,
     chunked: bool,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fla's chunked (prefill) or fused recurrent (decode) kernels without autograd, as an operator that
     torch.compile keeps whole: fla's Triton launches, and its chunked entry point marked
     `torch.compiler.disable`, would break a compiled model's graph at every layer. Returns the output and the
-    fp32 final state (B, H, K, V)."""
+    fp32 final state (B, H, K, V), one per packed sequence (N, H, K, V) with cu_seqlens."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
     kernel = chunk_gated_delta_rule if chunked else fused_recurrent_gated_delta_rule
@@ -147,12 +150,14 @@ def fla_gated_delta_rule(
         initial_state=initial_state,
         output_final_state=True,
         use_qk_l2norm_in_kernel=use_qk_l2norm,
+        cu_seqlens=cu_seqlens,
     )
 
 
 @fla_gated_delta_rule.register_fake
-def _(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, chunked):
+def _(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, chunked, cu_seqlens=None):
     batch, _, heads, value_dim = v.shape  # fla returns a new contiguous output, whatever v's strides
+    batch = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
     # in q's dtype from the chunked kernels, in v's from the recurrent one
     out = (q if chunked else v).new_empty(v.shape)
     return out, v.new_empty(batch, heads, k.shape[-1], value_dim, dtype=torch.float32)
@@ -171,14 +176,19 @@ def gated_delta_rule(
     use_qk_l2norm: bool = True,
     backend: str = "auto",
     mode: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the gated delta rule on the best available kernel.
 
     backend: "auto" (fla on CUDA when installed, else torch), "fla" or "torch".
     mode: "auto" (recurrent for short inputs without gradients, chunked otherwise), "chunk" or "recurrent".
+    cu_seqlens: (N+1,) boundaries of N sequences packed in one row (batch 1), each scanned from an empty
+    state: fla's varlen kernels in one call, the torch reference once per sequence.
     Returns the output in v's dtype and, if asked, the fp32 final state (B, H, K, V).
     """
     backend = resolve_backend(backend, q.device, "gated_delta_rule")
+    if cu_seqlens is not None:
+        check_packed_inputs(cu_seqlens, q.shape[0], initial_state, output_final_state, "gated_delta_rule")
     length = q.shape[1]
     mode = choose_mode(mode, backend, length, q, k, v, g, beta)
     if initial_state is not None:
@@ -197,6 +207,7 @@ def gated_delta_rule(
             None if initial_state is None else initial_state.float(),
             use_qk_l2norm,
             chunked=mode == "chunk",
+            cu_seqlens=cu_seqlens,
         )
         return out.to(v.dtype), (state if output_final_state else None)
     if backend == "fla":
@@ -212,11 +223,15 @@ def gated_delta_rule(
             initial_state=None if initial_state is None else initial_state.float(),
             output_final_state=output_final_state,
             use_qk_l2norm_in_kernel=use_qk_l2norm,
+            cu_seqlens=cu_seqlens,
         )
         return out.to(v.dtype), state
 
     if use_qk_l2norm:
         q, k = l2norm(q.to(compute_dtype(q))), l2norm(k.to(compute_dtype(k)))
     reference = chunk_gated_delta_rule_torch if mode == "chunk" else recurrent_gated_delta_rule_torch
+    if cu_seqlens is not None:
+        out = run_per_sequence(lambda *parts: reference(*parts, scale)[0], cu_seqlens, q, k, v, g, beta)
+        return out.to(v.dtype), None
     out, state = reference(q, k, v, g, beta, scale, initial_state, output_final_state)
     return out.to(v.dtype), state

@@ -4,7 +4,8 @@ Layouts follow fla: q, k and the log decay gk (<= 0, one per key dimension) (B, 
 the recurrent state is K-first (B, H, K, V) and fp32 (fp64 for fp64 inputs).
 
 Two pure-PyTorch references (a chunked form for prefill/training, a step-by-step recurrence for decode)
-and a dispatcher that uses fla's Triton kernels on CUDA when fla is installed.
+and a dispatcher that uses fla's Triton kernels on CUDA when fla is installed. Packed rows (`cu_seqlens`,
+ops/varlen.py) run through fla's varlen kernels in one call, or through a reference once per sequence.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from hybridize.mixers.ops.backends import choose_mode, resolve_backend
 from hybridize.mixers.ops.dtypes import compute_dtype
+from hybridize.mixers.ops.varlen import check_packed_inputs, run_per_sequence
 
 
 def recurrent_gla_torch(
@@ -105,14 +107,19 @@ def gla(
     output_final_state: bool = False,
     backend: str = "auto",
     mode: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run gated linear attention on the best available kernel.
 
     backend: "auto" (fla on CUDA when installed, else torch), "fla" or "torch".
     mode: "auto" (recurrent for short inputs without gradients, chunked otherwise), "chunk" or "recurrent".
+    cu_seqlens: (N+1,) boundaries of N sequences packed in one row (batch 1), each scanned from an empty
+    state: fla's varlen kernels in one call, the torch reference once per sequence.
     Returns the output in v's dtype and, if asked, the fp32 final state (B, H, K, V).
     """
     backend = resolve_backend(backend, q.device, "gla", kernels=("fla",))
+    if cu_seqlens is not None:
+        check_packed_inputs(cu_seqlens, q.shape[0], initial_state, output_final_state, "gla")
     length = q.shape[1]
     mode = choose_mode(mode, backend, length, q, k, v, gk)
     if initial_state is not None:
@@ -132,8 +139,11 @@ def gla(
             scale=scale,
             initial_state=initial_state,
             output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
         )
         return out.to(v.dtype), state
 
     reference = chunk_gla_torch if mode == "chunk" else recurrent_gla_torch
+    if cu_seqlens is not None:
+        return run_per_sequence(lambda *parts: reference(*parts, scale)[0], cu_seqlens, q, k, v, gk), None
     return reference(q, k, v, gk, scale, initial_state, output_final_state)

@@ -7,7 +7,9 @@ and its path transposes at the boundary.
 
 SSD is fla's simple GLA (a scalar decay per head) under q = C, k = dt B, v = x, g = dt A, scale 1, plus the
 D skip. The pure-PyTorch references are written in that form; the dispatcher uses mamba-ssm's or fla's
-Triton kernels on CUDA when they are installed.
+Triton kernels on CUDA when they are installed. Packed rows (`cu_seqlens`, ops/varlen.py) run in one call
+through fla's varlen kernels or mamba-ssm's chunked scan (sequence ids, `seq_idx`), or through a reference
+once per sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from hybridize.mixers.ops.backends import choose_mode, resolve_backend
 from hybridize.mixers.ops.dtypes import compute_dtype
 from hybridize.mixers.ops.gla import gla
+from hybridize.mixers.ops.varlen import check_packed_inputs, run_per_sequence, sequence_ids
 
 MAMBA_CHUNK_SIZE = 256  # mamba-ssm's Mamba2 default; its kernels are tuned for it
 
@@ -137,29 +140,49 @@ def ssd(
     output_final_state: bool = False,
     backend: str = "auto",
     mode: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the SSD scan on the best available kernel.
 
     backend: "auto" (mamba-ssm, then fla, on CUDA when installed; else torch), "mamba_ssm", "fla" or "torch".
     mode: "auto" (recurrent for short inputs without gradients, chunked otherwise), "chunk" or "recurrent".
+    cu_seqlens: (N+1,) boundaries of N sequences packed in one row (batch 1), each scanned from an empty
+    state: one kernel call (mamba-ssm's step kernel takes no boundaries, so its packed rows always run
+    chunked), the torch reference once per sequence.
     Returns y in x's dtype and, if asked, the fp32 final state (B, H, N, P).
     """
     backend = resolve_backend(backend, x.device, "ssd", kernels=("mamba_ssm", "fla"))
     length = x.shape[1]
+    if cu_seqlens is not None:
+        check_packed_inputs(cu_seqlens, x.shape[0], initial_state, output_final_state, "ssd")
+        if backend == "mamba_ssm":
+            if mode == "recurrent":
+                raise ValueError(
+                    "ssd: mamba-ssm's step kernel takes no sequence boundaries (cu_seqlens); use mode='chunk' "
+                    "or 'auto' for packed rows."
+                )
+            mode = "chunk"
     mode = choose_mode(mode, backend, length, x, dt, A, Bm, Cm)
     if initial_state is not None:
         initial_state = initial_state.to(compute_dtype(x))
 
     if backend == "mamba_ssm":
-        return _ssd_mamba_ssm(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode)
+        return _ssd_mamba_ssm(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode, cu_seqlens)
     if backend == "fla":
-        return _ssd_fla(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode)
+        return _ssd_fla(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode, cu_seqlens)
     reference = ssd_chunk_torch if mode == "chunk" else ssd_recurrent_torch
+    if cu_seqlens is not None:
+
+        def scan(x, dt, Bm, Cm):  # one sequence; A and D are per head
+            return reference(x, dt, A, Bm, Cm, D)[0]
+
+        return run_per_sequence(scan, cu_seqlens, x, dt, Bm, Cm), None
     return reference(x, dt, A, Bm, Cm, D, initial_state, output_final_state)
 
 
-def _ssd_mamba_ssm(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode):
-    """mamba-ssm's kernels keep the state (B, H, P, N): transposed views at the boundary."""
+def _ssd_mamba_ssm(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode, cu_seqlens):
+    """mamba-ssm's kernels keep the state (B, H, P, N): transposed views at the boundary. Its chunked scan
+    restarts the state where the sequence id of the next token (`seq_idx`, (1, T) int32) changes."""
     if mode == "chunk":
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
 
@@ -176,6 +199,7 @@ def _ssd_mamba_ssm(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode)
             chunk_size=MAMBA_CHUNK_SIZE,
             D=D,
             initial_states=initial_state,
+            seq_idx=None if cu_seqlens is None else sequence_ids(cu_seqlens, x.shape[1]).int()[None],
             return_final_states=output_final_state,
         )
         if not output_final_state:
@@ -226,7 +250,7 @@ def fla_simple_gla_backward_broken() -> bool:
     )
 
 
-def _ssd_fla(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode):
+def _ssd_fla(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode, cu_seqlens):
     """fla's simple GLA under q = C, k = dt B (both expanded from groups to heads), v = x, g = dt A, scale 1.
 
     Where fla refuses simple GLA's backward (Hopper, Triton < 3.7.1) and gradients are needed, the same
@@ -255,6 +279,7 @@ def _ssd_fla(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode):
             output_final_state=output_final_state,
             backend="fla",
             mode="chunk",
+            cu_seqlens=cu_seqlens,
         )
     else:
         kernel = chunk_simple_gla if mode == "chunk" else fused_recurrent_simple_gla
@@ -266,5 +291,6 @@ def _ssd_fla(x, dt, A, Bm, Cm, D, initial_state, output_final_state, mode):
             scale=1.0,
             initial_state=None if initial_state is None else initial_state.float(),
             output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
         )
     return _add_skip(y.to(compute_dtype(x)), x, D).to(x.dtype), state

@@ -9,6 +9,11 @@ positions (no repeated keys). On CUDA the step runs eagerly twice (so that kerne
 then captured once and replayed for every later token; optionally its forward goes through torch.compile
 first, which fuses the many small elementwise kernels between the matrix products.
 
+Rows can be filled one request at a time: `admit(row, input_ids)` prefills a prompt alone (into a one-row cache
+of the same layout, eagerly) and moves it into a free row of the running cache, `release(row)` frees a row whose
+sequence ended; neither touches the other rows or the captured step (`hybridize.inference.serving.serve` is a
+loop over them).
+
 `generate_fast(model, **inputs, max_new_tokens=...)`, or `model.generate(..., custom_generate=static_generate)`,
 is `generate()` with this decoder in place of its token loop: generate prepares the inputs, positions, logits
 processors and stopping criteria as usual, so greedy decoding gives generate's tokens and sampling draws from
@@ -134,6 +139,7 @@ class StaticDecoder:
     elementwise kernels between the matrix products; the first step compiles, ~30 s for Qwen2.5-VL-3B).
     fuse: `hybridize.inference.fusion.fuse_projections(model)` first (sibling projections as one matrix product
     under no_grad; the parameters become views of the fused weights, the model computes the same).
+    Every row decodes at each step, free rows too (their logits mean nothing): `cache.free_rows` lists them.
     """
 
     def __init__(
@@ -166,6 +172,7 @@ class StaticDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the captured step's output, overwritten by every replay
         self.eager_steps = 0
+        self._admission: StaticDecoder | None = None  # a one-row decoder that prefills admitted prompts
         self._configs = _attention_configs(model)
         self._logits_to_keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
         self._decode_masks = self._mask_argument(self._decode_mask_by_type())
@@ -329,7 +336,7 @@ class StaticDecoder:
             raise RuntimeError(
                 "The cache is empty: prefill a prompt (StaticDecoder.prefill) before decoding."
             )
-        self.cache.check_room(1)
+        self.cache.check_room(1, held=max(self.cache.row_tokens))
         self.tokens.copy_(tokens.view(-1, 1))
         if self.graph is None and self.cuda_graph and self.eager_steps >= WARMUP_STEPS:
             # the eager steps so far were the warm-up (real steps: they advanced the cache)
@@ -344,6 +351,41 @@ class StaticDecoder:
             self.eager_steps += 1
         self.cache.advance_host(1)
         return self.logits[:, -1]
+
+    # --- rows that come and go --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def admit(
+        self,
+        row: int,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        chunk_size: int | None = None,
+        **model_inputs,
+    ) -> torch.Tensor:
+        """Start a new sequence in free row `row` while the other rows keep theirs: its prompt (input_ids (1, T),
+        model inputs as for `prefill`) is prefilled alone and moved into the row (`StaticHybridCache.load_row`:
+        the buffers keep their addresses, so a captured step stays valid). Returns its last logits (1, vocab);
+        feed its next token to `step` in that row."""
+        self.cache.check_free_row(row)
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            raise ValueError(
+                f"admit takes one prompt shaped (1, T), got input_ids of shape {tuple(input_ids.shape)}; admit "
+                "each sequence into its own row."
+            )
+        if self._admission is None:
+            cache = self.cache
+            single = StaticHybridCache(cache.layouts, 1, cache.dtype, cache.device)
+            self._admission = StaticDecoder(self.model, single, cuda_graph=False, fuse=False)
+        self._admission.cache.reset()
+        logits = self._admission.prefill(input_ids, attention_mask, chunk_size=chunk_size, **model_inputs)
+        self.cache.load_row(row, self._admission.cache)
+        return logits
+
+    def release(self, row: int) -> None:
+        """Free `row` (its sequence ended) for a later `admit`; it keeps being computed until then."""
+        self.cache.release_row(row)
 
 
 @torch.no_grad()

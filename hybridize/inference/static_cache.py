@@ -14,6 +14,11 @@ token): everything that changes from step to step lives in device tensors update
 new token is written to (`length % capacity`), which slots hold real tokens (`valid`: left padding never
 does, until a real token overwrites it) and the next token's position ids - so the step can be replayed.
 `hybridize.inference.decode.StaticDecoder` drives both.
+
+Rows can also come and go while the others decode: `load_row` puts a sequence prefilled alone (in a one-row cache)
+into a free row, `release_row` frees one. All rows write to the same slot at each step, so an admitted row's
+tokens are laid into the slots just before it, and every capacity behaves as a ring for each row: a full-attention
+row stays exact while it holds at most `max_length` tokens of its own (`row_tokens`).
 """
 
 from __future__ import annotations
@@ -172,7 +177,8 @@ class StaticHybridCache(Cache):
     Build it with `StaticHybridCache.for_model(model, batch_size, max_length)`. Device state: `length` (tokens
     written, padding included), `position` (the next token's position ids, shaped as the model takes them for
     one token: (B, 1), or (3|4, B, 1) for Qwen-VL M-RoPE), `valid` (per capacity, (B, capacity) bool).
-    `seen_tokens` mirrors `length` on the host for the eager prefill.
+    `seen_tokens` mirrors `length` on the host for the eager prefill; `row_tokens` (host, one int per row) counts
+    the slots each row has written since it began (0: a free row, see `load_row`).
     """
 
     def __init__(
@@ -181,6 +187,7 @@ class StaticHybridCache(Cache):
         self.layouts = list(layouts)
         self._batch_size, self.dtype, self.device = batch_size, dtype, torch.device(device)
         self.seen_tokens = 0
+        self.row_tokens = [0] * batch_size
         self.decoding = False
         self.length = torch.zeros((), dtype=torch.long, device=self.device)
         self.position: torch.Tensor | None = None
@@ -247,14 +254,16 @@ class StaticHybridCache(Cache):
         full = [self.layouts[idx].capacity for idx in self.layer_indices(FULL)]
         return min(full) if full else None
 
-    def check_room(self, new_tokens: int) -> None:
-        """Fail before any work if `new_tokens` more tokens would overflow the full-attention buffers."""
+    def check_room(self, new_tokens: int, held: int | None = None) -> None:
+        """Fail before any work if `new_tokens` more tokens after `held` (default: all the cache has written, as a
+        prefill of every row appends) would overflow the full-attention buffers."""
         capacity = self.full_capacity
-        if capacity is not None and self.seen_tokens + new_tokens > capacity:
+        held = self.seen_tokens if held is None else held
+        if capacity is not None and held + new_tokens > capacity:
             raise ValueError(
-                f"The cache holds {self.seen_tokens} tokens and {new_tokens} more were asked for, but its "
+                f"The cache holds {held} tokens and {new_tokens} more were asked for, but its "
                 f"full-attention layers keep {capacity} (max_length); build the cache with max_length >= "
-                f"{self.seen_tokens + new_tokens}."
+                f"{held + new_tokens}."
             )
 
     def record_tokens(self, valid: torch.Tensor, next_position: torch.Tensor) -> None:
@@ -269,6 +278,8 @@ class StaticHybridCache(Cache):
             slots_valid.index_copy_(1, slots % capacity, valid[:, length - written :].to(self.device))
         self.length += length
         self.advance_host(length)
+        # every row took these tokens; a row that was free begins here, its stale slots counted in
+        self.row_tokens = [held or self.seen_tokens for held in self.row_tokens]
         if self.position is None or self.position.shape != next_position.shape:
             self.position = next_position.to(self.device, torch.long).clone()
         else:
@@ -299,6 +310,7 @@ class StaticHybridCache(Cache):
     def advance_host(self, num_tokens: int) -> None:
         """Count `num_tokens` more tokens on the host (a replayed step runs no Python)."""
         self.seen_tokens += num_tokens
+        self.row_tokens = [held + num_tokens if held else 0 for held in self.row_tokens]
         for idx in self.layer_indices(LINEAR):
             self.layers[idx].seen_tokens = self.seen_tokens
 
@@ -316,7 +328,73 @@ class StaticHybridCache(Cache):
         if self.position is not None:
             self.position.zero_()
         self.seen_tokens = 0
+        self.row_tokens = [0] * self.batch_size
         self.advance_host(0)
+
+    # --- rows that come and go ---------------------------------------------------------------------------
+
+    @property
+    def free_rows(self) -> list[int]:
+        return [row for row, held in enumerate(self.row_tokens) if not held]
+
+    def check_free_row(self, row: int) -> None:
+        """Fail unless `row` is a row of this cache that holds no sequence."""
+        if not 0 <= row < self.batch_size:
+            raise ValueError(
+                f"Row {row} is out of range for a cache of batch_size={self.batch_size}; admit into one of the "
+                f"free rows {self.free_rows}."
+            )
+        if self.row_tokens[row]:
+            raise ValueError(
+                f"Row {row} is decoding a sequence ({self.row_tokens[row]} tokens); release it first "
+                f"(StaticDecoder.release({row})) or admit into one of the free rows {self.free_rows}."
+            )
+
+    def release_row(self, row: int) -> None:
+        """Mark `row` free; its slots keep their contents (a replayed step still computes the row) until
+        `load_row` overwrites them."""
+        if not 0 <= row < self.batch_size:
+            raise ValueError(f"Row {row} is out of range for a cache of batch_size={self.batch_size}.")
+        self.row_tokens[row] = 0
+
+    def load_row(self, row: int, source: StaticHybridCache) -> None:
+        """Replace free row `row` by the one sequence of `source` (a batch-1 cache of this layout, filled by a
+        prefill), leaving the other rows and every buffer's address as they are (a captured step stays valid).
+
+        Source token i goes to slot (i + seen_tokens - source.seen_tokens) % capacity, so its last token sits just
+        before the slot the next step writes, and the source's empty slots mark the rest of the row as padding.
+        An idle cache (no row holding a sequence) first restarts at the source's length.
+        """
+        self.check_free_row(row)
+        if source.layouts != self.layouts or source.batch_size != 1:
+            raise ValueError(
+                f"load_row takes a batch_size=1 cache of this cache's layout, got batch_size={source.batch_size}"
+                "; build it with StaticHybridCache(cache.layouts, 1, cache.dtype, cache.device)."
+            )
+        if not any(self.row_tokens):
+            self.reset()
+            self.length.fill_(source.seen_tokens)
+            self.advance_host(source.seen_tokens)
+        shift = self.seen_tokens - source.seen_tokens
+        for capacity, valid in self.valid.items():
+            # (capacity,) this cache's slot of each source slot
+            slots = (torch.arange(capacity, device=self.device) + shift) % capacity
+            valid[row].index_copy_(0, slots, source.valid[capacity][0])
+            for idx, layout in enumerate(self.layouts):
+                if layout.kind != LINEAR and layout.capacity == capacity:
+                    mine, theirs = self.layers[idx], source.layers[idx]
+                    mine.keys[row].index_copy_(1, slots, theirs.keys[0])  # (heads, capacity, D)
+                    mine.values[row].index_copy_(1, slots, theirs.values[0])
+        for idx in self.layer_indices(LINEAR):
+            states = self.layers[idx].states
+            for name, state in source.layers[idx].states.items():  # (1, ...) -> row of (B, ...)
+                if name not in states:  # nothing prefilled yet: the other rows start from zeros
+                    states[name] = state.new_zeros(self.batch_size, *state.shape[1:])
+                states[name][row].copy_(state[0])
+        if self.position is None:  # (..., 1, 1) -> (..., B, 1)
+            self.position = source.position.new_zeros(*source.position.shape[:-2], self.batch_size, 1)
+        self.position[..., row, :] = source.position[..., 0, :]
+        self.row_tokens[row] = source.seen_tokens
 
     # --- branching ---------------------------------------------------------------------------------------
 
@@ -353,6 +431,7 @@ class StaticHybridCache(Cache):
         else:
             self.position.copy_(other.position)
         self.seen_tokens = other.seen_tokens
+        self.row_tokens = list(other.row_tokens)
         self.advance_host(0)
         return self
 

@@ -93,7 +93,7 @@ def test_rows_finishing_early_end_like_generate(vl_hybrid, vl_inputs):
     assert torch.equal(fast, expected)
 
 
-@pytest.mark.parametrize(
+TEXT_PLANS = pytest.mark.parametrize(
     ("family", "plan"),
     [
         ("llama", dict(ratio="1/2", window=5)),  # no native window: the sliding-window mixer
@@ -106,11 +106,26 @@ def test_rows_finishing_early_end_like_generate(vl_hybrid, vl_inputs):
     ],
     ids=["llama-swa-mixer", "qwen2-mamba2-gla", "qwen2-all-linear", "llama-full-attention"],
 )
-def test_text_families_match_generate(family, plan):
+
+
+def text_hybrid(family: str, plan: dict):
+    """A 4-layer tiny model of `family` converted by `plan`, in fp64."""
     teacher = tiny_model(family, num_hidden_layers=4)
     torch.manual_seed(0)
     hybrid, _ = convert(teacher, plan_layers(4, **plan), progress=False)
-    check_matches_generate(fp64(hybrid), text_batch(), do_sample=False)
+    return fp64(hybrid)
+
+
+@TEXT_PLANS
+def test_text_families_match_generate(family, plan):
+    """Prompts of 21 and 13 tokens (left padding); then with the shorter row's third greedy token made an
+    end-of-sequence token, so that it finishes early and is padded while the other row goes on."""
+    hybrid, inputs = text_hybrid(family, plan), text_batch()
+    greedy = check_matches_generate(hybrid, inputs, do_sample=False)
+    prompt = inputs["input_ids"].shape[1]
+    eos = int(greedy[1, prompt + 2])
+    early = check_matches_generate(hybrid, inputs, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert (early[1, prompt + 3 :] == 0).all() and early.shape[1] > prompt + 3
 
 
 @pytest.fixture(scope="module")

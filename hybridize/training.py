@@ -30,6 +30,10 @@ class HybridizeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.checkpoint", "data.init_args.processor")
 
+    def parse_arguments(self, parser, args) -> None:
+        with own_argv():
+            super().parse_arguments(parser, args)
+
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
@@ -52,8 +56,8 @@ def remove_unused_log_dir(trainer) -> None:
 
 @contextlib.contextmanager
 def own_argv() -> Iterator[None]:
-    """LightningCLI gets its arguments from us: hide the `hybridize train ...` command line from it (it warns when
-    both are present)."""
+    """LightningCLI gets its arguments from us: hide the `hybridize train ...` command line from its parsing (it warns
+    when both are present), and only from that: Lightning's DDP launcher starts the other ranks with `sys.argv`."""
     saved = sys.argv
     sys.argv = saved[:1]
     try:
@@ -84,17 +88,16 @@ def main(argv: list[str], debug: bool = False) -> None:
         logging.WARNING
     )  # the seed is in the saved config
     try:
-        with own_argv():
-            HybridizeCLI(
-                HybridStage,
-                ChatDataModule,
-                subclass_mode_model=True,
-                subclass_mode_data=True,
-                auto_configure_optimizers=False,  # each stage builds its AdamW + schedule from its own arguments
-                save_config_kwargs={"overwrite": True},
-                parser_kwargs={**no_exit, **{name: no_exit for name in SUBCOMMANDS}},
-                args=argv,
-            )
+        HybridizeCLI(
+            HybridStage,
+            ChatDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,  # each stage builds its AdamW + schedule from its own arguments
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={**no_exit, **{name: no_exit for name in SUBCOMMANDS}},
+            args=argv,
+        )
     except (argparse.ArgumentError, ValueError) as error:  # bad settings, or a stage refusing its inputs
         if debug:
             raise

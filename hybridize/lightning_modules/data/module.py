@@ -208,7 +208,10 @@ class ChatDataModule(L.LightningDataModule):
             workers=max(self.num_workers, 1),
         )
         epoch = lambda: self.trainer.current_epoch if self.trainer else 0  # noqa: E731
-        return StreamLoader(stream, self.progress, epoch, num_workers=self.num_workers)
+        every_rank_has = (
+            trainer.strategy.reduce_boolean_decision if trainer and trainer.world_size > 1 else None
+        )
+        return StreamLoader(stream, self.progress, epoch, self.num_workers, every_rank_has)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None and self.val_files:

@@ -12,6 +12,12 @@ Everything is a function of (seed, epoch, partition) and a small `Position` per 
 batch is a few integers: each batch carries it (`STREAM_KEY`), `StreamProgress` keeps the state of the last batch
 the training loop took from each partition, Lightning saves it with the data module, and a resumed run restarts
 every partition there.
+
+Under DDP the ranks' streams need not end at the same batch (rows that do not divide evenly between partitions,
+skipped rows, a mixture's draws), and a rank that trains on one more batch than the others waits for them forever
+(DDP all-reduces gradients at every step). So an epoch ends on every rank when the first rank's stream ends: the
+rows the other ranks have not reached are not trained on in that epoch, as DistributedSampler(drop_last=True)
+drops a remainder.
 """
 
 from __future__ import annotations
@@ -281,17 +287,37 @@ class StreamProgress:
 
 
 class StreamLoader(DataLoader):
-    """A DataLoader over a `ChatStream` that restarts it where `progress` says each time an epoch begins."""
+    """A DataLoader over a `ChatStream` that restarts it where `progress` says each time an epoch begins.
+
+    `every_rank_has(has_batch) -> bool` (DDP: the strategy's `reduce_boolean_decision`) is asked before each batch
+    whether every rank has one too; the epoch ends at the first batch some rank lacks."""
 
     def __init__(
-        self, stream: ChatStream, progress: StreamProgress, epoch: Callable[[], int], num_workers: int = 0
-    ):
+        self, stream: ChatStream, progress: StreamProgress, epoch: Callable[[], int], num_workers: int = 0,
+        every_rank_has: Callable[[bool], bool] | None = None,
+    ):  # fmt: skip
         super().__init__(stream, batch_size=None, num_workers=num_workers)
-        self.progress, self.epoch = progress, epoch
+        self.progress, self.epoch, self.every_rank_has = progress, epoch, every_rank_has
 
     def __iter__(self):
         self.dataset.start = self.progress.begin(self.epoch(), self.dataset)
-        return _one_line_errors(super().__iter__())
+        batches = _one_line_errors(super().__iter__())
+        return (
+            batches
+            if self.every_rank_has is None
+            else _while_every_rank_has_one(batches, self.every_rank_has)
+        )
+
+
+def _while_every_rank_has_one(
+    batches: Iterator[dict], every_rank_has: Callable[[bool], bool]
+) -> Iterator[dict]:
+    """`batches` as long as every rank has its next batch (one collective call per batch, and one at the end)."""
+    for batch in batches:
+        if not every_rank_has(True):
+            return
+        yield batch
+    every_rank_has(False)
 
 
 def _one_line_errors(batches: Iterator[dict]) -> Iterator[dict]:

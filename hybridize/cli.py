@@ -61,15 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--layers",
         help='per-layer map applied last, "0-3:sliding_window,4:mamba2", or a YAML/JSON file with a list '
-        "(one mixer per layer) or a mapping; alone, the layers it does not name keep their attention",
+        "(one mixer per layer) or a mapping; alone, the layers it does not name keep their attention; or the "
+        "plan.yaml that `hybridize select` writes",
     )
     convert.add_argument(
         "--window", type=int, default=None, help=f"sliding window in tokens (default {DEFAULT_WINDOW})"
     )
     convert.add_argument(
         "--mixer",
-        default="gated_deltanet",
-        help="linear mixer for the other layers; several, comma-separated, take turns (see `hybridize mixers`)",
+        default=None,
+        help="linear mixer for the other layers (default gated_deltanet); several, comma-separated, take turns "
+        "(see `hybridize mixers`)",
     )
     convert.add_argument(
         "--init",
@@ -141,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = verb("eval", "how good is a hybrid: fidelity to its teacher, task accuracy")
     evaluation_cli.add_arguments(evaluation, parents=[common])
+
+    from hybridize.selection import cli as selection_cli  # argparse only: no torch at parse time
+
+    select = verb("select", "choose which layers keep softmax attention from data (kl, nll, mse, uniform)")
+    selection_cli.add_arguments(select)
 
     mixers = verb("mixers", "list the registered mixers, their options and compute paths")
     mixers.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -253,7 +260,7 @@ def parse_options(items: list[str]) -> dict[str, dict]:
 
 
 def read_layer_map(value: str | None):
-    """--layers: a map string, or a YAML/JSON file holding a list or a mapping."""
+    """--layers: a map string, or a YAML/JSON file holding a list, a mapping or a plan (`hybridize select`)."""
     if value is None or not value.endswith((".yaml", ".yml", ".json")):
         return value
     import yaml
@@ -263,18 +270,19 @@ def read_layer_map(value: str | None):
         raise FileNotFoundError(f"--layers file {value!r} does not exist.")
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, (list, dict)):
-        raise ValueError(f"--layers file {value!r} must hold a list (one mixer per layer) or a mapping.")
+        raise ValueError(
+            f"--layers file {value!r} must hold a list (one mixer per layer), a mapping or a plan file's arguments."
+        )
     return data
 
 
 def build_plan(args: argparse.Namespace, num_layers: int):
-    from hybridize.converters.plan import plan_layers
+    from hybridize.converters.plan import is_plan_file_content, plan_layers
     from hybridize.mixers.registry import get_mixer_class
 
     options = parse_options(args.option)
-    plan = plan_layers(
-        num_layers,
-        args.ratio,
+    arguments = dict(
+        ratio=args.ratio,
         swa_layers=args.swa_layers,
         layers=read_layer_map(args.layers),
         pattern=args.pattern,
@@ -283,6 +291,23 @@ def build_plan(args: argparse.Namespace, num_layers: int):
         options=options,
         round_to_layers=args.round,
     )
+    if is_plan_file_content(arguments["layers"]):  # a plan file (`hybridize select`): its arguments, not a map
+        planned = arguments.pop("layers")
+        given = [f"--{key.replace('_', '-')}" for key in ("ratio", "swa_layers") if arguments[key] is not None]
+        if given and {"ratio", "swa_layers", "layers"} & set(planned):
+            raise ValueError(
+                f"--layers {args.layers!r} is a plan file that places the layers itself; drop {' and '.join(given)}."
+            )
+        clashes = [
+            f"--{key} {arguments[key]} (the file: {planned[key]})"
+            for key in ("window", "mixer")
+            if arguments[key] is not None and key in planned and planned[key] != arguments[key]
+        ]
+        if clashes:
+            raise ValueError(f"--layers {args.layers!r} is a plan file that disagrees with {'; '.join(clashes)}.")
+        arguments = {**arguments, **{key: value for key, value in planned.items() if value is not None}}
+    arguments["mixer"] = arguments["mixer"] or "gated_deltanet"
+    plan = plan_layers(num_layers, **arguments)
     if args.init is not None:
         if args.init not in INIT_POLICIES:
             raise ValueError(f"--init {args.init!r} is not one of {', '.join(INIT_POLICIES)}.")
@@ -543,6 +568,12 @@ def run_eval(args: argparse.Namespace) -> None:
     run(args)
 
 
+def run_select(args: argparse.Namespace) -> None:
+    from hybridize.selection.cli import run
+
+    run(args)
+
+
 def run_data(args: argparse.Namespace) -> None:
     from hybridize.lightning_modules.data.check import run
 
@@ -561,6 +592,7 @@ COMMANDS = {
     "train": run_train,
     "data": run_data,
     "eval": run_eval,
+    "select": run_select,
     "mixers": run_mixers,
     "inspect": run_inspect,
     "generate": run_generate,

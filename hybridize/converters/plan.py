@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 from hybridize.mixers.registry import get_mixer_class
@@ -250,3 +251,33 @@ def plan_layers(
     mixers = {name: options.get(name, {}) for name in dict.fromkeys(names)}
     softmax_count = sum(name in (SOFTMAX_MIXER, KEEP_MIXER) for name in names)
     return LayerPlan(layers=names, mixers=mixers, ratio=str(Fraction(softmax_count, num_layers)))
+
+
+PLAN_ARGUMENTS = (
+    "ratio", "swa_layers", "layers", "pattern", "mixer", "window", "options", "round_to_layers",
+)  # fmt: skip
+
+
+def is_plan_file_content(data: Any) -> bool:
+    """A plan file holds `plan_layers` arguments (a mapping keyed by their names); a layer map's keys are
+    layer indices or ranges, so the two never look alike."""
+    return isinstance(data, Mapping) and bool(data) and all(key in PLAN_ARGUMENTS for key in data)
+
+
+def read_plan_file(path: str) -> dict[str, Any]:
+    """The `plan_layers` arguments in a plan file (YAML or JSON), as `hybridize select` writes it:
+    `{swa_layers: [5, 17], window: 8192, mixer: gated_deltanet}`. `hybridize convert --layers FILE` and a stage
+    config's `plan: FILE` read it unchanged."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"plan file {str(path)!r} does not exist.")
+    data = yaml.safe_load(file.read_text())
+    if not is_plan_file_content(data):
+        names = sorted(data) if isinstance(data, Mapping) else type(data).__name__
+        raise ValueError(
+            f"plan file {str(path)!r} must be a mapping of plan arguments ({', '.join(PLAN_ARGUMENTS)}); "
+            f"it holds {names}."
+        )
+    return dict(data)

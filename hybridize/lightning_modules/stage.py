@@ -31,7 +31,7 @@ from hybridize.converters.checkpoint import (
 )
 from hybridize.converters.discovery import find_decoder_layout
 from hybridize.converters.hybrid_model import PLAN_KEY
-from hybridize.converters.plan import LayerPlan, plan_layers
+from hybridize.converters.plan import LayerPlan, plan_layers, read_plan_file
 from hybridize.lightning_modules.packing import packed_position_ids
 from hybridize.mixers.base import TokenMixer
 
@@ -138,11 +138,13 @@ def check_previous_stage(plan_section: dict, previous_stage: str | None, stage: 
         )
 
 
-def check_plan(actual: LayerPlan, expected: dict[str, Any] | None, source: str) -> None:
-    """The checkpoint's plan must be what `expected` (arguments of `plan_layers`) builds for its layer count:
-    the same mixer in every layer, and every option the expected plan sets."""
+def check_plan(actual: LayerPlan, expected: dict[str, Any] | str | None, source: str) -> None:
+    """The checkpoint's plan must be what `expected` (arguments of `plan_layers`, or a plan file holding them)
+    builds for its layer count: the same mixer in every layer, and every option the expected plan sets."""
     if not expected:
         return
+    if isinstance(expected, str):
+        expected = read_plan_file(expected)
     try:
         wanted = plan_layers(len(actual.layers), **expected)
     except TypeError as error:
@@ -180,7 +182,7 @@ class HybridStage(L.LightningModule):
         checkpoint: str | nn.Module,
         *,
         previous_stage: str | None = "default",
-        plan: dict[str, Any] | None = None,
+        plan: dict[str, Any] | str | None = None,
         trainable: list[str] | None = None,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
@@ -199,7 +201,8 @@ class HybridStage(L.LightningModule):
                 `hybridize convert --out`), or a hybrid model object (Python API).
             previous_stage: the stage whose output `checkpoint` must be ("convert" for a converted hybrid);
                 "default" is this stage's place in the recipe, None skips the check.
-            plan: `plan_layers` arguments (ratio, window, mixer, layers, ...) the checkpoint's plan must match.
+            plan: `plan_layers` arguments (ratio, window, mixer, layers, ...) the checkpoint's plan must match, or
+                a plan file holding them (the plan.yaml of `hybridize select`).
             trainable: preset names (mixers, language_model, all) or regular expressions over parameter names;
                 default: the stage's preset.
             learning_rate, weight_decay, warmup_ratio, schedule, min_learning_rate_ratio: AdamW (no decay on

@@ -1,0 +1,142 @@
+"""What `hybridize select` costs on the Qwen2.5-VL-3B architecture (random weights: cost only, the scores mean
+nothing), per method at its defaults.
+
+Each method's run splits into the alignment of the all-linear student (stage 1a, `align_steps` steps) and the
+scoring of each layer. The script times `--align-steps` alignment steps and the scoring of `--layers` layers
+(for `kl`, also the all-linear baseline run, with `--train-steps` stage 1b steps per run), then extrapolates
+linearly to the method's default step counts and all layers:
+
+    total = align_time / align_steps * default_align_steps + layers * time_per_layer (at the default train steps)
+
+Batches are random token ids (batch 1, `--length` tokens: longer than the window, as selection requires).
+
+    python benchmarks/select_cost.py                                              # H100: ~8 minutes
+    python benchmarks/select_cost.py --config tiny --device cpu --length 96 --window 64 --align-steps 1 --train-steps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import default_output, free, report_header  # noqa: E402
+from train_stages import build_teacher, model_config, random_token_batches, token_limit  # noqa: E402
+
+from hybridize.selection import SelectionSettings, get_method  # noqa: E402
+from hybridize.selection.select import SelectionRun  # noqa: E402
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_method(method: str, teacher, batches, args, device) -> dict:
+    defaults = get_method(method).defaults
+    settings = SelectionSettings(
+        method=method, budget=1, window=args.window, eval_batches=args.eval_batches,
+        align_steps=args.align_steps if defaults["align_steps"] else 0,
+        train_steps=args.train_steps if defaults["train_steps"] else 0,
+    )  # fmt: skip
+    run = SelectionRun(teacher, batches, settings, progress=False)
+    synchronize(device)
+    started = time.perf_counter()
+    run.aligned_mixers()
+    synchronize(device)
+    align_seconds = time.perf_counter() - started
+    layers = list(range(args.layers))
+    started = time.perf_counter()
+    scored = list(get_method(method)().score(run, [], layers))
+    synchronize(device)
+    score_seconds = time.perf_counter() - started
+    runs = len(layers) + (method == "kl")  # kl also trains the all-linear baseline
+    if method == "kl":  # each run: convert + train_steps of stage 1b + the held-out KL; scale the steps part
+        per_step = score_seconds / runs / max(args.train_steps, 1)
+        per_layer = score_seconds / runs + per_step * (defaults["train_steps"] - args.train_steps)
+    else:
+        per_layer = score_seconds / len(layers)
+    align_default = align_seconds / max(settings.align_steps, 1) * defaults["align_steps"]
+    num_layers = run.num_layers
+    total = align_default + per_layer * (num_layers + (method == "kl"))
+    result = {
+        "method": method,
+        "defaults": defaults,
+        "timed": {"align_steps": settings.align_steps, "align_seconds": round(align_seconds, 2),
+                  "train_steps": settings.train_steps, "layers": len(layers),
+                  "score_seconds": round(score_seconds, 2)},  # fmt: skip
+        "seconds_per_layer": round(per_layer, 2),
+        "total_seconds_all_layers": round(total, 1),
+        "tokens_timed": run.record["tokens"],
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None,
+        "scores": {str(idx): value for idx, value in scored},
+    }
+    del run
+    free()
+    return result
+
+
+def markdown(report: dict) -> str:
+    rows = [
+        f"# hybridize select: cost on {report['config']} ({report['device']}, {report['date']})",
+        "",
+        f"`{report['command']}`; {report['num_layers']} layers, {report['length']} tokens per batch, window "
+        f"{report['window']}, {report['eval_batches']} held-out batches. Extrapolated from the timed steps and "
+        "layers (see the script's docstring).",
+        "",
+        "| method | defaults (align / train steps) | timed | s per layer | total, all layers |",
+        "|---|---|---|---|---|",
+    ]
+    for item in report["methods"]:
+        timed = item["timed"]
+        rows.append(
+            f"| {item['method']} | {item['defaults']['align_steps']} / {item['defaults']['train_steps']} | "
+            f"align {timed['align_steps']} steps {timed['align_seconds']} s; {timed['layers']} layers "
+            f"{timed['score_seconds']} s | {item['seconds_per_layer']} | {item['total_seconds_all_layers'] / 60:.1f} min |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="3b", choices=("3b", "tiny"))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--length", type=int, default=8448, help="tokens per batch (more than the window)")
+    parser.add_argument("--window", type=int, default=8192)
+    parser.add_argument("--methods", default="mse,nll,kl")
+    parser.add_argument("--align-steps", type=int, default=3, help="alignment steps timed")
+    parser.add_argument("--train-steps", type=int, default=3, help="kl: stage 1b steps timed per run")
+    parser.add_argument("--layers", type=int, default=2, help="layers scored and timed")
+    parser.add_argument("--eval-batches", type=int, default=8, help="held-out batches (the CLI's default)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    config = model_config(args.config, 36 if args.config == "3b" else 8)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    teacher = build_teacher(config, device, dtype, seed=0)
+    count = args.eval_batches + max(args.align_steps, args.train_steps)
+    batches = random_token_batches(count, 1, args.length, token_limit(config), seed=1)
+    out = Path(args.out) if args.out else default_output("select_cost", device, args.config == "tiny")
+    report = {
+        **report_header("select_cost", argv, device),
+        "config": "Qwen2.5-VL-3B architecture" if args.config == "3b" else "tiny Qwen2.5-VL",
+        "num_layers": config.text_config.num_hidden_layers,
+        "length": args.length, "window": args.window, "eval_batches": args.eval_batches, "methods": [],
+    }  # fmt: skip
+    for method in args.methods.split(","):
+        report["methods"].append(time_method(method, teacher, batches, args, device))
+        print(json.dumps(report["methods"][-1]), flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+        out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

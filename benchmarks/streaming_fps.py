@@ -45,7 +45,8 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from hybridize.compat import output_cache
 from hybridize.converters import build_hybrid_config, hybrid_model_class, plan_layers
 from hybridize.converters.discovery import layer_specs
-from hybridize.inference.streaming import StreamingSession, held_states
+from hybridize.inference.stream_state import held_states
+from hybridize.inference.streaming import StreamingSession
 from hybridize.presets import (
     VISION_TOKEN_IDS,
     qwen2_5_vl_3b_config,

@@ -13,17 +13,10 @@ from PIL import Image
 from hybridize.cli import main
 from hybridize.compat import configured_attention, output_cache, set_attention_implementation
 from hybridize.converters import convert, plan_layers, save_hybrid
-from hybridize.inference import streaming
-from hybridize.inference.streaming import (
-    FrameEncoder,
-    LayerSnapshot,
-    StreamingSession,
-    build_frame_prompt,
-    cache_tensor_slots,
-    held_states,
-    sample_video,
-    video_duration,
-)
+from hybridize.inference import stream_state
+from hybridize.inference.frames import FrameEncoder, build_frame_prompt
+from hybridize.inference.stream_state import LayerSnapshot, cache_tensor_slots, held_states
+from hybridize.inference.streaming import StreamingSession, sample_video, video_duration
 from hybridize.inference.vision_attention import PACKED_ATTENTION
 
 pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
@@ -327,7 +320,7 @@ def test_captured_prefill_bookkeeping_equals_eager(hybrid64, tiny_teacher, monke
     captured = StreamingSession(hybrid64, processor, frame_size=56, cuda_graphs=False)
     eager = StreamingSession(hybrid64, processor, frame_size=56, cuda_graphs=False)
     graphs = []
-    monkeypatch.setattr(streaming, "capture_cuda_graph", ReplayedStep.capturing(captured.state.cache, graphs))
+    monkeypatch.setattr(stream_state, "capture_cuda_graph", ReplayedStep.capturing(captured.state.cache, graphs))
     captured.capture_prefill = True
     sizes, full_from = {}, None
     for frame in stream:

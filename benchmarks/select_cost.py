@@ -2,16 +2,16 @@
 nothing), per method at its defaults.
 
 Each method's run splits into the alignment of the all-linear student (stage 1a, `align_steps` steps) and the
-scoring of each layer. The script times `--align-steps` alignment steps and the scoring of `--layers` layers
-(for `kl`, also the all-linear baseline run, with `--train-steps` stage 1b steps per run), then extrapolates
-linearly to the method's default step counts and all layers:
+scoring of each layer. The script runs the alignment at the method's default steps (or `--align-steps`, then
+scaled to the default linearly) and scores `--layers` layers (for `kl`, also the all-linear baseline run, each
+with the default stage 1b steps), then extrapolates over the layers, whose costs are alike:
 
-    total = align_time / align_steps * default_align_steps + layers * time_per_layer (at the default train steps)
+    total = alignment + (layers [+ 1 baseline for kl]) * time per scored layer
 
 Batches are random token ids (batch 1, `--length` tokens: longer than the window, as selection requires).
 
-    python benchmarks/select_cost.py                                              # H100: ~8 minutes
-    python benchmarks/select_cost.py --config tiny --device cpu --length 96 --window 64 --align-steps 1 --train-steps 1
+    python benchmarks/select_cost.py                                              # H100: ~6 minutes (estimate)
+    python benchmarks/select_cost.py --config tiny --device cpu --length 96 --window 64 --align-steps 1 --train-steps 1 --eval-batches 1
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def time_method(method: str, teacher, batches, args, device) -> dict:
     defaults = get_method(method).defaults
     settings = SelectionSettings(
         method=method, budget=1, window=args.window, eval_batches=args.eval_batches,
-        align_steps=args.align_steps if defaults["align_steps"] else 0,
-        train_steps=args.train_steps if defaults["train_steps"] else 0,
+        align_steps=args.align_steps if args.align_steps is not None and defaults["align_steps"] else None,
+        train_steps=args.train_steps if args.train_steps is not None and defaults["train_steps"] else None,
     )  # fmt: skip
     run = SelectionRun(teacher, batches, settings, progress=False)
     synchronize(device)
@@ -57,11 +57,7 @@ def time_method(method: str, teacher, batches, args, device) -> dict:
     synchronize(device)
     score_seconds = time.perf_counter() - started
     runs = len(layers) + (method == "kl")  # kl also trains the all-linear baseline
-    if method == "kl":  # each run: convert + train_steps of stage 1b + the held-out KL; scale the steps part
-        per_step = score_seconds / runs / max(args.train_steps, 1)
-        per_layer = score_seconds / runs + per_step * (defaults["train_steps"] - args.train_steps)
-    else:
-        per_layer = score_seconds / len(layers)
+    per_layer = score_seconds / runs
     align_default = align_seconds / max(settings.align_steps, 1) * defaults["align_steps"]
     num_layers = run.num_layers
     total = align_default + per_layer * (num_layers + (method == "kl"))
@@ -97,7 +93,7 @@ def markdown(report: dict) -> str:
         timed = item["timed"]
         rows.append(
             f"| {item['method']} | {item['defaults']['align_steps']} / {item['defaults']['train_steps']} | "
-            f"align {timed['align_steps']} steps {timed['align_seconds']} s; {timed['layers']} layers "
+            f"align {timed['align_steps']} steps {timed['align_seconds']} s; {timed['layers']} layers at {timed['train_steps']} train steps "
             f"{timed['score_seconds']} s | {item['seconds_per_layer']} | {item['total_seconds_all_layers'] / 60:.1f} min |"
         )
     return "\n".join(rows) + "\n"
@@ -110,9 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--length", type=int, default=8448, help="tokens per batch (more than the window)")
     parser.add_argument("--window", type=int, default=8192)
     parser.add_argument("--methods", default="mse,nll,kl")
-    parser.add_argument("--align-steps", type=int, default=3, help="alignment steps timed")
-    parser.add_argument("--train-steps", type=int, default=3, help="kl: stage 1b steps timed per run")
-    parser.add_argument("--layers", type=int, default=2, help="layers scored and timed")
+    parser.add_argument("--align-steps", type=int, default=None, help="alignment steps (default: the method's)")
+    parser.add_argument("--train-steps", type=int, default=None, help="kl: stage 1b steps per run (default: the method's)")
+    parser.add_argument("--layers", type=int, default=1, help="layers scored and timed")
     parser.add_argument("--eval-batches", type=int, default=8, help="held-out batches (the CLI's default)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -120,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     config = model_config(args.config, 36 if args.config == "3b" else 8)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = build_teacher(config, device, dtype, seed=0)
-    count = args.eval_batches + max(args.align_steps, args.train_steps)
+    count = args.eval_batches + 100  # enough distinct training batches for every method's defaults
     batches = random_token_batches(count, 1, args.length, token_limit(config), seed=1)
     out = Path(args.out) if args.out else default_output("select_cost", device, args.config == "tiny")
     report = {

@@ -98,6 +98,22 @@ def pad_token_tensor(generation_config) -> torch.Tensor | None:
     return generation_config._pad_token_tensor
 
 
+def generation_logits_processors(model, generation_config, prompt_length: int, device):
+    """The `LogitsProcessorList` generate() builds for one unpadded prompt of `prompt_length` tokens: its logits
+    processors (repetition penalty, minimum lengths, suppressed tokens, ...) and, when
+    `generation_config.do_sample`, its warpers (temperature, top-k, top-p, ...), in generate()'s order. Like
+    generate(), it writes the special tokens into `generation_config` as tensors (private fields): pass a copy."""
+    model._prepare_special_tokens(
+        generation_config, kwargs_has_attention_mask=False, device=device, batch_size=1
+    )
+    return model._get_logits_processor(
+        generation_config=generation_config,
+        input_ids_seq_length=prompt_length,
+        device=device,
+        model_kwargs={},
+    )
+
+
 def generation_position_ids(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **model_inputs):
     """Position ids of a prompt on an empty cache as generate() makes them: the model's own rule where it has
     one (M-RoPE models add their vision positions and remember `rope_deltas`), else from the padding mask."""

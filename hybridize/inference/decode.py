@@ -27,7 +27,6 @@ import inspect
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
@@ -46,6 +45,7 @@ from hybridize.compat import (
 from hybridize.converters.discovery import find_decoder_layout
 from hybridize.inference.cuda_graphs import WARMUP_STEPS, capture_cuda_graph, on_side_stream
 from hybridize.inference.fusion import fuse_projections
+from hybridize.inference.sampling import choose_next_tokens
 from hybridize.inference.static_cache import FULL, SLIDING, StaticHybridCache
 from hybridize.mixers.base import TokenMixer
 from hybridize.mixers.ops.dtypes import compute_dtype
@@ -451,12 +451,9 @@ def static_generate(
     all_finished = torch.zeros(max(new_tokens, 1), dtype=torch.bool, device=input_ids.device)
     length = prompt_length
     for step in range(new_tokens):
-        # as generate()'s sampling loop: fp32 logits through the processors, then argmax or one multinomial draw
-        scores = logits_processor(sequences[:, :length], logits.to(dtype=torch.float32, copy=True))
-        if generation_config.do_sample:
-            next_tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            next_tokens = torch.argmax(scores, dim=-1)
+        next_tokens, scores = choose_next_tokens(
+            logits_processor, sequences[:, :length], logits, generation_config.do_sample
+        )
         if has_eos_stopping_criteria:
             next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
         sequences[:, length] = next_tokens

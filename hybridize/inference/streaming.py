@@ -13,6 +13,7 @@ capture that fails falls back to eager with a warning.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterator
@@ -20,17 +21,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 from transformers import DynamicCache
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
-from hybridize.compat import configured_attention
+from hybridize.compat import configured_attention, generation_logits_processors
 from hybridize.inference.decode import SUPPORTED_ATTENTION, StaticDecoder
 from hybridize.inference.frames import FrameEncoder, build_frame_prompt, parse_frame_size, text_positions
 from hybridize.inference.fusion import fuse_projections
+from hybridize.inference.sampling import choose_next_tokens
 from hybridize.inference.static_cache import StaticHybridCache
 from hybridize.inference.stream_state import (
     CapturedPrefill,
@@ -278,8 +274,10 @@ class StreamingSession:
     def ask_ids(self, question: str, max_new_tokens: int = 64, do_sample: bool = False) -> list[int]:
         """The answer's token ids, up to and including an end-of-sequence token; the stream is left as it was.
 
-        Greedy by default; do_sample draws with the generation config's temperature, top-k and top-p.
-        Repetition penalties are not applied: they need the whole token history, which a stream does not keep.
+        Tokens are chosen as generate() chooses them on the same prompt (`hybridize.inference.sampling`): through
+        the logits processors generate() builds from the model's generation config, then the argmax, or with
+        do_sample a draw after its warpers (temperature, top-k, top-p, ...). The processors see the prompt's token
+        ids (rebuilt for the question, 8 bytes per token of the stream) and the answer so far.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
@@ -292,14 +290,34 @@ class StreamingSession:
             branch = self.state.branch()
             branch.prefill_text(question_ids)
             logits, step = branch.logits(), branch.decode
-        pick = sampler(self.model.generation_config) if do_sample else greedy
+        prompt = self.prompt_ids(question_ids).to(logits.device)  # (prompt,)
+        sequence = torch.empty(1, len(prompt) + max_new_tokens, dtype=torch.long, device=logits.device)
+        sequence[0, : len(prompt)] = prompt
+        generation_config = copy.deepcopy(self.model.generation_config)
+        generation_config.do_sample = do_sample
+        generation_config.max_length = sequence.shape[1]
+        processors = generation_logits_processors(self.model, generation_config, len(prompt), logits.device)
         stop = end_of_sequence_ids(self.model.generation_config, self.tokenizer)
-        tokens = []
+        tokens, length = [], len(prompt)
         while True:
-            tokens.append(pick(logits))
+            token, _ = choose_next_tokens(processors, sequence[:, :length], logits, do_sample)
+            sequence[:, length] = token
+            length += 1
+            tokens.append(int(token))
             if tokens[-1] in stop or len(tokens) == max_new_tokens:
                 return tokens
             logits = step(tokens[-1])
+
+    def prompt_ids(self, question_ids: list[int]) -> torch.Tensor:
+        """(prompt,) the token ids of the prompt a question after the frames so far is: the prefix, each frame's
+        tokens, the question and the assistant's turn, as generate() would get them."""
+        return torch.cat(
+            [
+                torch.tensor(self.prompt.prefix_ids),
+                self.prompt.frame_ids.repeat(self.frames),
+                torch.tensor(question_ids),
+            ]
+        )
 
     def ask(self, question: str, max_new_tokens: int = 64, do_sample: bool = False) -> str:
         """Answer a question about the frames so far, without disturbing the stream."""
@@ -313,27 +331,6 @@ class StreamingSession:
             for tensor in self.state.tensors()
         }
         return sum(storages.values())
-
-
-def greedy(logits: torch.Tensor) -> int:
-    return int(logits.argmax(-1))
-
-
-def sampler(generation_config) -> Callable[[torch.Tensor], int]:
-    warpers = LogitsProcessorList()
-    temperature = generation_config.temperature
-    if temperature is not None and temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(temperature))
-    if generation_config.top_k:
-        warpers.append(TopKLogitsWarper(generation_config.top_k))
-    if generation_config.top_p is not None and generation_config.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(generation_config.top_p))
-
-    def pick(logits: torch.Tensor) -> int:
-        scores = warpers(None, logits)
-        return int(torch.multinomial(scores.softmax(-1), 1))
-
-    return pick
 
 
 def end_of_sequence_ids(generation_config, tokenizer) -> set[int]:

@@ -242,10 +242,31 @@ def test_static_decode_answers_like_the_dynamic_branch(hybrid64, tiny_teacher):
         StreamingSession(hybrid64, processor, cuda_graphs=False, compile=True)
 
 
-def test_sampled_answers_stay_within_max_new_tokens(hybrid8, tiny_teacher):
-    session = stream_of(hybrid8, tiny_teacher[1], frames(2), frame_size=56)
-    torch.manual_seed(0)
-    assert 1 <= len(session.ask_ids(QUESTION, max_new_tokens=5, do_sample=True)) <= 5
+def test_answers_choose_tokens_as_generate_does(hybrid8, tiny_teacher, monkeypatch):
+    """generate()'s logits processors and warpers (a repetition penalty over the whole prompt, temperature,
+    top-k, top-p): with the same seed a sampled answer draws generate()'s tokens, a greedy one is generate()'s."""
+    processor, stream = tiny_teacher[1], frames(3)
+    config = copy.deepcopy(hybrid8.generation_config)
+    config.update(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.5)
+    monkeypatch.setattr(hybrid8, "generation_config", config)
+    session = stream_of(hybrid8, processor, stream, frame_size=56)
+    inputs = one_shot_inputs(processor, stream, QUESTION)
+    prompt = inputs["input_ids"][0]
+    question_ids = processor.tokenizer(QUESTION + session.prompt.suffix, add_special_tokens=False)["input_ids"]
+    assert torch.equal(session.prompt_ids(question_ids), prompt)  # what the processors see as the history
+
+    def generated(seed: int, **options) -> list[int]:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return hybrid8.generate(**inputs, max_new_tokens=6, **options)[0, len(prompt) :].tolist()
+
+    sampled = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        sampled.append(session.ask_ids(QUESTION, max_new_tokens=6, do_sample=True))
+        assert sampled[-1] == generated(seed, do_sample=True)
+    assert sampled[0] != sampled[1]  # the seed changes the draws: the answers were sampled
+    assert session.ask_ids(QUESTION, max_new_tokens=6) == generated(0, do_sample=False)
     with pytest.raises(ValueError, match="max_new_tokens"):
         session.ask(QUESTION, max_new_tokens=0)
 

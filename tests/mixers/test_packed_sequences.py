@@ -126,9 +126,11 @@ KERNEL_CASES = [(name, options, "fla") for name, options in MIXERS] + [("mamba2"
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen kernels need a CUDA device")
 @pytest.mark.parametrize("name, options, backend", KERNEL_CASES)
 def test_varlen_kernels_match_the_per_sequence_reference_in_bf16(name, options, backend):
-    """bf16 mixer on the kernel path, the packed row in one call, against the same bf16 weights on the
-    pure-PyTorch path run once per sample (fp32 scans): kernel tolerances (relative RMS) on the output, the
-    input gradient and every parameter gradient. Samples of uneven lengths, one shorter than a chunk (64)."""
+    """bf16 mixer on the kernel path, the packed row in one call, against (1) the same kernels run once per
+    sample, at the kernel tolerances (relative RMS: 0.005 output, 0.02 gradients): packing changes nothing;
+    (2) the same bf16 weights on the pure-PyTorch path run once per sample (fp32 scans), at the bf16 end-to-end
+    tolerance of a whole mixer (1e-2; DESIGN.md), on the output, the input gradient and every parameter gradient.
+    Samples of uneven lengths, one shorter than a chunk (64)."""
     if not library_available(backend):
         pytest.skip(f"{backend} is not installed")
     spec = AttentionSpec(hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64)
@@ -147,14 +149,23 @@ def test_varlen_kernels_match_the_per_sequence_reference_in_bf16(name, options, 
     def packed(mixer):
         return lambda x: mixer(hidden_states=x, cu_seq_lens_q=bounds)[0]
 
+    def per_sequence(mixer):
+        return lambda x: mixer.forward_per_sequence(bounds, hidden_states=x)[0]
+
     out, grad, param_grads = run_with_grads(packed(kernel), kernel, hidden_states, upstream)
-    expected, expected_grad, expected_param_grads = run_with_grads(
-        packed(reference), reference, hidden_states, upstream
-    )
     assert len(calls) == 1
-    assert out.dtype == torch.bfloat16 and relative_rms(expected, out) < 0.005
-    assert relative_rms(expected_grad, grad) < 0.02
-    for parameter, reference_grad in expected_param_grads.items():
-        assert relative_rms(reference_grad, param_grads[parameter]) < 0.02, parameter
-    with torch.no_grad():  # inference kernels (fla's autograd-free operator for Gated DeltaNet)
-        assert relative_rms(expected, packed(kernel)(hidden_states)) < 0.005
+    errors = {}
+    for label, run in (("kernel per sequence", per_sequence(kernel)), ("torch per sequence", packed(reference))):
+        module = kernel if label.startswith("kernel") else reference
+        expected, expected_grad, expected_param_grads = run_with_grads(run, module, hidden_states, upstream)
+        errors[label] = {"output": relative_rms(expected, out), "input grad": relative_rms(expected_grad, grad)}
+        errors[label].update(
+            {parameter: relative_rms(value, param_grads[parameter]) for parameter, value in expected_param_grads.items()}
+        )
+        if label.startswith("torch"):
+            with torch.no_grad():  # inference kernels (fla's autograd-free operator for Gated DeltaNet)
+                errors[label]["no-grad output"] = relative_rms(expected, packed(kernel)(hidden_states))
+    assert out.dtype == torch.bfloat16
+    same_kernels = errors["kernel per sequence"]
+    assert same_kernels["output"] < 0.005 and max(same_kernels.values()) < 0.02, errors
+    assert max(errors["torch per sequence"].values()) < 1e-2, errors

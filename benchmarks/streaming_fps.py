@@ -45,7 +45,6 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from hybridize.compat import output_cache
 from hybridize.converters import build_hybrid_config, hybrid_model_class, plan_layers
 from hybridize.converters.discovery import layer_specs
-from hybridize.inference.stream_state import held_states
 from hybridize.inference.streaming import StreamingSession
 from hybridize.presets import (
     VISION_TOKEN_IDS,
@@ -53,6 +52,7 @@ from hybridize.presets import (
     tiny_qwen2_5_vl_config,
     tiny_qwen2_5_vl_processor,
 )
+from hybridize.testing import held_states
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
 from common import default_output, free, is_oom, redraw, report_header  # noqa: E402

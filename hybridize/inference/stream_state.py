@@ -181,7 +181,9 @@ class StreamState:
 
 def layer_tensor_slots(layer) -> list[tuple[dict, str, torch.Tensor]]:
     """(container, key, tensor) for every tensor a cache layer holds: its attributes (keys, values, ...) and
-    the entries of its dict attributes (a mixer's states)."""
+    the entries of its dict attributes (a mixer's states). Read through `vars` because a captured prefill must
+    put a buffer in place of every tensor a forward rebinds, whatever the layer's class (transformers' own
+    `DynamicSlidingWindowLayer` included), and a class that gained a tensor would otherwise break the graph."""
     slots = []
     for key, value in vars(layer).items():
         if isinstance(value, torch.Tensor):
@@ -193,25 +195,6 @@ def layer_tensor_slots(layer) -> list[tuple[dict, str, torch.Tensor]]:
 
 def cache_tensor_slots(cache) -> list[tuple[dict, str, torch.Tensor]]:
     return [slot for layer in cache.layers for slot in layer_tensor_slots(layer)]
-
-
-def held_window(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys and values of the tokens a sliding-window cache layer holds, oldest first (a fixed window's
-    occupied slots)."""
-    return layer.kept() if isinstance(layer, FixedWindowLayer) else (layer.keys, layer.values)
-
-
-def held_states(cache) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) of the tokens' states a cache holds, comparable between cache kinds: each sliding-window
-    layer's keys and values (of a fixed window, its occupied slots), each other layer's tensors (a mixer's
-    states)."""
-    held = []
-    for layer in cache.layers:
-        if getattr(layer, "is_sliding", False):
-            held += list(zip(("keys", "values"), held_window(layer), strict=True))
-        else:
-            held += [(key, tensor) for _, key, tensor in layer_tensor_slots(layer)]
-    return held
 
 
 def cache_shapes(cache) -> list[tuple]:

@@ -33,8 +33,8 @@ from hybridize.inference.stream_state import (
     StreamState,
     cache_shapes,
     growing_layers,
-    held_window,
 )
+from hybridize.inference.window_attention import FixedWindowLayer
 from hybridize.media import import_av
 from hybridize.mixers.cache import MixerCacheLayer
 
@@ -78,7 +78,12 @@ def load_static_cache(static, cache: DynamicCache) -> None:
         if isinstance(target, MixerCacheLayer):
             target.store(**source.states)
             continue
-        keys, values = held_window(source)
+        if not isinstance(source, FixedWindowLayer):
+            raise TypeError(
+                f"Static answers read a stream's sliding-window layers as FixedWindowLayers, got "
+                f"{type(source).__name__}: stream with static_decode=False under this attention implementation."
+            )
+        keys, values = source.kept()
         kept = keys.shape[-2]
         slots = torch.arange(seen - kept, seen, device=static.device) % target.capacity
         target.keys.index_copy_(2, slots, keys)

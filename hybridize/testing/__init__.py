@@ -1,11 +1,14 @@
 """Helpers for checking hybrids, used by the tests, the examples and the benchmarks: the uncached greedy loop that
-cached generation must reproduce, and small synthetic chat data sets (`hybridize.testing.synthetic`)."""
+cached generation must reproduce, the states a cache holds in a form comparable between cache kinds, and small
+synthetic chat data sets (`hybridize.testing.synthetic`)."""
 
 from __future__ import annotations
 
 import torch
 
 from hybridize.converters.discovery import rotary_kind
+from hybridize.inference.window_attention import FixedWindowLayer
+from hybridize.mixers.cache import MixerCacheLayer
 
 
 @torch.inference_mode()
@@ -39,3 +42,18 @@ def greedy_decode_without_cache(model, inputs: dict, steps: int) -> torch.Tensor
         if finished.all():
             break
     return inputs["input_ids"]
+
+
+def held_states(cache) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the tokens' states a cache holds, comparable between cache kinds (a stream's and the
+    `DynamicCache` of one forward over the same tokens): a mixer layer's states by name, a fixed window's
+    occupied slots, any other attention layer's keys and values (a sliding window's: the tokens it keeps)."""
+    held = []
+    for layer in cache.layers:
+        if isinstance(layer, MixerCacheLayer):
+            held += list(layer.states.items())
+        elif isinstance(layer, FixedWindowLayer):
+            held += list(zip(("keys", "values"), layer.kept(), strict=True))
+        else:
+            held += [("keys", layer.keys), ("values", layer.values)]
+    return held

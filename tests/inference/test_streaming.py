@@ -15,9 +15,10 @@ from hybridize.compat import configured_attention, output_cache, set_attention_i
 from hybridize.converters import convert, plan_layers, save_hybrid
 from hybridize.inference import stream_state
 from hybridize.inference.frames import FrameEncoder, build_frame_prompt
-from hybridize.inference.stream_state import LayerSnapshot, cache_tensor_slots, held_states
+from hybridize.inference.stream_state import LayerSnapshot, cache_tensor_slots
 from hybridize.inference.streaming import StreamingSession, sample_video, video_duration
 from hybridize.inference.vision_attention import PACKED_ATTENTION
+from hybridize.testing import held_states
 
 pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
 
@@ -252,7 +253,9 @@ def test_answers_choose_tokens_as_generate_does(hybrid8, tiny_teacher, monkeypat
     session = stream_of(hybrid8, processor, stream, frame_size=56)
     inputs = one_shot_inputs(processor, stream, QUESTION)
     prompt = inputs["input_ids"][0]
-    question_ids = processor.tokenizer(QUESTION + session.prompt.suffix, add_special_tokens=False)["input_ids"]
+    question_ids = processor.tokenizer(QUESTION + session.prompt.suffix, add_special_tokens=False)[
+        "input_ids"
+    ]
     assert torch.equal(session.prompt_ids(question_ids), prompt)  # what the processors see as the history
 
     def generated(seed: int, **options) -> list[int]:
@@ -341,7 +344,9 @@ def test_captured_prefill_bookkeeping_equals_eager(hybrid64, tiny_teacher, monke
     captured = StreamingSession(hybrid64, processor, frame_size=56, cuda_graphs=False)
     eager = StreamingSession(hybrid64, processor, frame_size=56, cuda_graphs=False)
     graphs = []
-    monkeypatch.setattr(stream_state, "capture_cuda_graph", ReplayedStep.capturing(captured.state.cache, graphs))
+    monkeypatch.setattr(
+        stream_state, "capture_cuda_graph", ReplayedStep.capturing(captured.state.cache, graphs)
+    )
     captured.capture_prefill = True
     sizes, full_from = {}, None
     for frame in stream:

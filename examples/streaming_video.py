@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 import hybridize
-from hybridize.inference.streaming import StreamingSession, sample_video
+from hybridize.inference.streaming import StreamingSession
+from hybridize.media import sample_video
 
 
 def write_video(path: Path, seconds: int = 6, rate: int = 12, size: int = 96) -> None:

@@ -181,7 +181,7 @@ def load_model(model: str, *, dtype: str | None, device: str):
 
 def video_frames(path: str | Path, fps: float = VIDEO_FPS) -> list:
     """(H, W, 3) uint8 frames of a video file sampled at `fps` (PyAV, the `video` extra)."""
-    from hybridize.inference.streaming import sample_video
+    from hybridize.media import sample_video
 
     return [frame for _, frame in sample_video(path, fps)]
 

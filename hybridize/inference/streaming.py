@@ -14,11 +14,9 @@ capture that fails falls back to eager with a warning.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -35,7 +33,7 @@ from hybridize.inference.stream_state import (
     growing_layers,
 )
 from hybridize.inference.window_attention import FixedWindowLayer
-from hybridize.media import import_av
+from hybridize.media import sample_video, video_duration  # noqa: F401  (hybridize.cli imports them from here)
 from hybridize.mixers.cache import MixerCacheLayer
 
 
@@ -92,39 +90,6 @@ def load_static_cache(static, cache: DynamicCache) -> None:
     static.length.fill_(seen)
     static.seen_tokens = seen
     static.advance_host(0)
-
-
-def video_duration(path) -> float:
-    """Seconds of the first video stream, read from the container header."""
-    av = import_av()
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            if stream.duration is not None:
-                return float(stream.duration * stream.time_base)
-            if container.duration is not None:
-                return container.duration / 1e6
-    except (av.FFmpegError, IndexError, OSError) as error:
-        raise ValueError(f"Cannot read video {str(path)!r}: {error}") from None
-    raise ValueError(f"Video {str(path)!r} has no duration in its header.")
-
-
-def sample_video(path, fps: float) -> Iterator[tuple[float, np.ndarray]]:
-    """(seconds from the start, (H, W, 3) uint8 RGB) of the first frame at or after each multiple of 1 / fps;
-    a video with fewer frames than that gives each frame once."""
-    av = import_av()
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        start, due = None, 0.0
-        for index, frame in enumerate(container.decode(stream)):
-            time = frame.time if frame.time is not None else index / float(stream.average_rate or 1)
-            start = time if start is None else start
-            time -= start
-            if time + 1e-6 < due:
-                continue
-            yield time, frame.to_ndarray(format="rgb24")
-            due = (math.floor(time * fps + 1e-6) + 1) / fps
 
 
 class StreamingSession:

@@ -16,8 +16,9 @@ from hybridize.converters import convert, plan_layers, save_hybrid
 from hybridize.inference import stream_state
 from hybridize.inference.frames import FrameEncoder, build_frame_prompt
 from hybridize.inference.stream_state import LayerSnapshot, cache_tensor_slots
-from hybridize.inference.streaming import StreamingSession, sample_video, video_duration
+from hybridize.inference.streaming import StreamingSession
 from hybridize.inference.vision_attention import PACKED_ATTENTION
+from hybridize.media import sample_video, video_duration
 from hybridize.testing import held_states
 
 pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers

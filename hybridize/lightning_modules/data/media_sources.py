@@ -1,5 +1,5 @@
 """Media as records give them (a file, encoded bytes, a decoded image, a video's frames) -> sizes from headers,
-decoded RGB images and sampled video frames. Files go through `hybridize.media`; videos through PyAV."""
+decoded RGB images and sampled video frames. Files and videos are read by `hybridize.media`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from hybridize.lightning_modules.data.formats import BadSample, MediaSource
-from hybridize.media import import_av, load_image
+from hybridize.media import decode_video, load_image, read_video_header
 
 UNREADABLE_IMAGE = (OSError, ValueError, SyntaxError)  # PIL raises SyntaxError for some broken headers
 
@@ -74,20 +74,11 @@ def plan_video(source: MediaSource, fps: float, max_frames: int, temporal_patch_
         height, width = image_size(source[0])
         indices = _sampled(len(source), min(len(source), max_frames), temporal_patch_size)
         return VideoPlan(tuple(indices.tolist()), height, width, temporal_patch_size / fps)
-    av = import_av()
     try:
-        with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
-            stream = container.streams.video[0]
-            rate = float(stream.average_rate or stream.guessed_rate or 0)
-            total = stream.frames
-            if not total and rate:
-                seconds = (
-                    float(stream.duration * stream.time_base) if stream.duration else container.duration / 1e6
-                )
-                total = round(seconds * rate)
-            height, width = stream.codec_context.height, stream.codec_context.width
-    except (av.FFmpegError, IndexError, TypeError, OSError) as error:
-        raise BadSample("unreadable_media", f"cannot read video {describe(source)}: {error}") from None
+        header = read_video_header(source)
+    except ValueError as error:
+        raise BadSample("unreadable_media", str(error)) from None
+    total, rate, height, width = header.frame_count, header.frame_rate, header.height, header.width
     if not total or not rate or not height:
         raise BadSample(
             "unreadable_media",
@@ -102,17 +93,15 @@ def decode_frames(source: MediaSource, frame_indices: tuple[int, ...]) -> list[I
     """The frames at `frame_indices` as RGB images; indices past the decodable end repeat the last frame."""
     if isinstance(source, list):
         return [decode_image(source[i]) for i in frame_indices]
-    av = import_av()
     wanted, frames = set(frame_indices), {}
     try:
-        with av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source)) as container:
-            for index, frame in enumerate(container.decode(video=0)):
-                if index in wanted:
-                    frames[index] = frame.to_image()
-                if index >= frame_indices[-1]:
-                    break
-    except (av.FFmpegError, OSError) as error:
-        raise BadSample("unreadable_media", f"cannot decode video {describe(source)}: {error}") from None
+        for index, (_, frame) in enumerate(decode_video(source)):
+            if index in wanted:
+                frames[index] = frame.to_image()
+            if index >= frame_indices[-1]:
+                break
+    except ValueError as error:
+        raise BadSample("unreadable_media", str(error)) from None
     if not frames:
         raise BadSample("unreadable_media", f"video {describe(source)} has no decodable frames")
     decoded = sorted(frames)

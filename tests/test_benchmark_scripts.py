@@ -26,18 +26,56 @@ def benchmark_script(name: str, monkeypatch):
 
 def test_train_stages_times_every_variant(tmp_path, monkeypatch):
     out = tmp_path / "train_stages.json"
-    variants = ["teacher_attention_ft", "stage1a_layerwise", "stage1b_end_to_end", "stage1b_end_to_end_ckpt"]
-    argv = ["--config", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--length", "32"]
-    monkeypatch.setattr(sys, "argv", ["train_stages.py", *argv, "--variants", *variants, "--out", str(out)])
-    benchmark_script("train_stages", monkeypatch).main()
+    argv = ["--config", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--lengths", "64"]
+    monkeypatch.setattr(sys, "argv", ["train_stages.py", *argv, "--out", str(out)])
+    script = benchmark_script("train_stages", monkeypatch)
+    script.main()
     report = json.loads(out.read_text())
-    assert list(report["variants"]) == variants
-    for name, result in report["variants"].items():
+    runs = {name: lengths["64"] for name, lengths in report["runs"].items()}
+    # Stages 2 and 3 against stock first (64 is the tiny config's packed length), then stage 1.
+    assert list(runs) == list(script.VARIANTS)
+    for name, result in runs.items():
         assert result["tokens_per_s"] > 0 and result["trainable_params"] > 0, name
         assert len(result["step_s"]) == 1 and len(result["warmup_step_s"]) == 1, name
+        assert 0 < result["model_tflop_per_step"] and 0 < result["mfu"], name
+    assert runs["stage3_lora_packed8"]["packed_samples"] == 8
+    # The recipes' checkpointing: on for 1b, 2 and 3 (and their stock baselines), off for 1a.
+    assert runs["stage2_sft"]["gradient_checkpointing"] and runs["stock_lora"]["gradient_checkpointing"]
+    assert not runs["stage1a_layerwise"]["gradient_checkpointing"]
+    assert 0 < runs["stage1b_end_to_end"]["teacher_forward_s"] < runs["stage1b_end_to_end"]["median_step_s"]
+    # The same trainable sets: adapters of the same rank on the same linear layers' kinds; SFT trains more in
+    # the hybrid (its mixers are larger than the attention they replace).
+    assert runs["stage3_lora"]["trainable_params"] > runs["stock_lora"]["trainable_params"] > 0
+    assert runs["stage2_sft"]["trainable_params"] > runs["stock_sft"]["trainable_params"]
     assert report["command"].startswith("python benchmarks/train_stages.py --config tiny")
     table = out.with_suffix(".md").read_text()
-    assert all(f"| {name} |" in table for name in variants)
+    assert all(f"| {name} | 64" in table for name in runs) and out.with_suffix(".png").is_file()
+
+
+def test_train_stages_retries_out_of_memory_with_checkpointing(monkeypatch):
+    script = benchmark_script("train_stages", monkeypatch)
+    attempts = []
+
+    def run_variant(name, length, checkpointing, *args):
+        attempts.append((name, checkpointing))
+        if not checkpointing:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+        return {"gradient_checkpointing": checkpointing}
+
+    monkeypatch.setattr(script, "run_variant", run_variant)
+    device = torch.device("cpu")
+    retried = script.measure("stock_converted_attention", 64, None, None, None, device, None)
+    assert retried == {"gradient_checkpointing": True, "retried_after_oom": True}
+    # Stage 1a's forward runs without gradients: checkpointing would change nothing, so no second try.
+    assert script.measure("stage1a_layerwise", 64, None, None, None, device, None)["error"] == "oom"
+    stock = "stock_converted_attention"
+    assert attempts == [(stock, False), (stock, True), ("stage1a_layerwise", False)]
+
+
+def test_attention_pairs_count_causal_pairs_within_window_and_sample(monkeypatch):
+    pairs = benchmark_script("train_stages", monkeypatch).attention_pairs
+    assert pairs([4], None) == 1 + 2 + 3 + 4 and pairs([4], 2) == 1 + 2 + 2 + 2
+    assert pairs([4, 4], None) == 2 * pairs([4], None) < pairs([8], None)
 
 
 @pytest.mark.skipif(

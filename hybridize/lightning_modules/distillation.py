@@ -9,10 +9,14 @@ attention modules are kept beside their mixers, so the shared frozen weights exi
 1b `EndToEndDistillation`: the teacher's logits (hybrid in "teacher" mode, no grad) against the student's
    (hybrid in "student" mode): KL(teacher || student) at a temperature, averaged over real tokens, plus an
    optional cross-entropy term.
+
+Neither forward projects more positions onto the vocabulary than its loss reads (`logits_to_keep`): 1a reads
+no logits, and 1b's KL reads only the positions of real tokens (image placeholders can be most of a sample).
 """
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 
 import torch
@@ -47,6 +51,22 @@ def check_shared_weights(hybrid: nn.Module, teacher: nn.Module) -> None:
             f"{len(shared)} shared weights differ (e.g. {(different or ['none shared'])[0]}). Set model.teacher "
             "to the base model given to `hybridize convert` (and the same dtype)."
         )
+
+
+def logits_kept(model: nn.Module, positions: int | torch.Tensor) -> dict:
+    """The forward keyword that projects only `positions` onto the vocabulary (an int: that many last
+    positions; a 1-D tensor: these positions), or nothing for a model whose forward does not take it."""
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return {}
+    return {"logits_to_keep": positions}
+
+
+def valid_positions(valid: torch.Tensor) -> torch.Tensor | None:
+    """The positions (1-D) where any row of `valid` (B, T) has a real token; None when every position has one
+    (or none has: the loss is then zero over all of them, with its graph)."""
+    any_row = valid.any(0)  # (T,)
+    count = int(any_row.sum())
+    return None if count in (0, any_row.numel()) else any_row.nonzero().squeeze(1)
 
 
 class DistillationStage(HybridStage):
@@ -110,7 +130,8 @@ class LayerwiseDistillation(DistillationStage):
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         with distillation_mode(self.hybrid, "layerwise") as layers, torch.no_grad():
-            self.hybrid(**self.model_inputs(batch), use_cache=False)
+            # The loss is in the layers; the head projects one position instead of all of them.
+            self.hybrid(**self.model_inputs(batch), use_cache=False, **logits_kept(self.hybrid, 1))
         mse = torch.stack([layer.loss for layer in layers]).mean()
         return {"loss": self.mse_weight * mse, "layerwise_mse": mse}
 
@@ -159,13 +180,23 @@ class EndToEndDistillation(DistillationStage):
             valid = valid & (batch["input_ids"] != token_id)
         return valid
 
+    def teacher_logits(self, inputs: dict, **head) -> torch.Tensor:
+        """The teacher's logits (the hybrid in "teacher" mode): no gradients, no cache."""
+        with distillation_mode(self.hybrid, "teacher"), torch.no_grad():
+            return self.hybrid(**inputs, use_cache=False, **head).logits
+
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         inputs = self.model_inputs(batch)
-        with distillation_mode(self.hybrid, "teacher"), torch.no_grad():
-            teacher_logits = self.hybrid(**inputs, use_cache=False).logits
+        valid = self.valid_tokens(batch)
+        # The KL reads only positions with real tokens; the CE term needs the logits of every position.
+        positions = None if self.ce_weight else valid_positions(valid)
+        head = {} if positions is None else logits_kept(self.hybrid, positions)
+        if head:
+            valid = valid[:, positions]
+        teacher_logits = self.teacher_logits(inputs, **head)  # (B, T or kept positions, V)
         with distillation_mode(self.hybrid, "student"):
-            student_logits = self.hybrid(**inputs, use_cache=False).logits
-        kl = distillation_kl(student_logits, teacher_logits, self.valid_tokens(batch), self.temperature)
+            student_logits = self.hybrid(**inputs, use_cache=False, **head).logits
+        kl = distillation_kl(student_logits, teacher_logits, valid, self.temperature)
         losses = {"loss": kl, "kl": kl}
         if self.ce_weight:
             ce = token_cross_entropy(student_logits, batch["labels"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
 import hybridize
 from hybridize.converters import read_plan, save_hybrid
@@ -18,6 +19,7 @@ from hybridize.lightning_modules import (
     detach_teacher,
     distillation_kl,
     distillation_mode,
+    token_cross_entropy,
 )
 from hybridize.mixers import TokenMixer
 from hybridize.presets import tiny_model
@@ -103,6 +105,48 @@ def test_kl_ignores_padding():
     torch.testing.assert_close(plain, extra, rtol=1e-9, atol=1e-12)
 
 
+def test_end_to_end_heads_project_only_real_tokens_with_the_loss_unchanged():
+    """Positions that are padding (or an ignored id) in every row leave both forwards' heads; the KL and its
+    gradients are those over every position's logits."""
+    hybrid, teacher, _ = converted(seed=2)
+    batch = batches(1, seed=2)[0]  # (4, 24), row 0 right-padded by 5
+    batch["attention_mask"][:, -3:] = 0  # the last 3 positions are padding in every row
+    batch["input_ids"][:, 4] = 7  # an ignored id in every row at position 4, and in row 1 at position 9
+    batch["input_ids"][1, 9] = 7
+    module = EndToEndDistillation(
+        hybrid.double(), teacher=teacher.double(), previous_stage=None, ignore_token_ids=[7]
+    )
+    projected = []  # positions the head sees, per forward
+    head = module.hybrid.get_output_embeddings()
+    hook = head.register_forward_hook(lambda _m, args, _out: projected.append(args[0].shape[1]))
+    loss = module.losses(batch)["loss"]
+    hook.remove()
+    assert projected == [20, 20]  # 24 minus the 3 padded and the ignored position 4 (9 is real in 3 rows)
+    trainable = [p for p in module.hybrid.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, trainable)
+    inputs = module.model_inputs(batch)
+    teacher_logits = module.teacher_logits(inputs)
+    with distillation_mode(module.hybrid, "student"):
+        student_logits = module.hybrid(**inputs, use_cache=False).logits
+    reference = distillation_kl(
+        student_logits, teacher_logits, module.valid_tokens(batch), module.temperature
+    )
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-14)
+    for grad, reference_grad in zip(grads, torch.autograd.grad(reference, trainable), strict=True):
+        torch.testing.assert_close(grad, reference_grad, rtol=1e-10, atol=1e-14)
+
+
+def test_layerwise_stage_projects_one_position():
+    hybrid, teacher, _ = converted(seed=2)
+    module = LayerwiseDistillation(hybrid, teacher=teacher, previous_stage=None)
+    projected = []
+    head = module.hybrid.get_output_embeddings()
+    hook = head.register_forward_hook(lambda _m, args, _out: projected.append(args[0].shape[1]))
+    module.losses(batches(1)[0])
+    hook.remove()
+    assert projected == [1]
+
+
 def test_chunked_kl_has_the_values_and_gradients_of_the_whole():
     student = torch.randn(3, 7, 13, dtype=torch.float64, requires_grad=True)
     teacher = torch.randn(3, 7, 13, dtype=torch.float64)
@@ -117,6 +161,18 @@ def test_chunked_kl_has_the_values_and_gradients_of_the_whole():
     log_t, log_s = teacher.div(2).log_softmax(-1), student.div(2).log_softmax(-1)
     expected = ((log_t.exp() * (log_t - log_s)).sum(-1) * valid).sum() / valid.sum() * 4
     torch.testing.assert_close(whole, expected)
+
+
+def test_chunked_cross_entropy_has_the_values_and_gradients_of_the_plain_formula():
+    logits = torch.randn(3, 7, 13, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 13, (3, 7))
+    labels[0, 3:] = -100
+    chunked = token_cross_entropy(logits, labels, chunk_tokens=4)
+    (grad_chunked,) = torch.autograd.grad(chunked, logits)
+    plain = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    (grad_plain,) = torch.autograd.grad(plain, logits)
+    torch.testing.assert_close(chunked, plain, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grad_chunked, grad_plain, rtol=1e-12, atol=1e-14)
 
 
 def test_kl_is_zero_for_identical_logits_and_masks_tokens():

@@ -291,9 +291,13 @@ def build_plan(args: argparse.Namespace, num_layers: int):
         options=options,
         round_to_layers=args.round,
     )
-    if is_plan_file_content(arguments["layers"]):  # a plan file (`hybridize select`): its arguments, not a map
+    if is_plan_file_content(
+        arguments["layers"]
+    ):  # a plan file (`hybridize select`): its arguments, not a map
         planned = arguments.pop("layers")
-        given = [f"--{key.replace('_', '-')}" for key in ("ratio", "swa_layers") if arguments[key] is not None]
+        given = [
+            f"--{key.replace('_', '-')}" for key in ("ratio", "swa_layers") if arguments[key] is not None
+        ]
         if given and {"ratio", "swa_layers", "layers"} & set(planned):
             raise ValueError(
                 f"--layers {args.layers!r} is a plan file that places the layers itself; drop {' and '.join(given)}."
@@ -304,7 +308,9 @@ def build_plan(args: argparse.Namespace, num_layers: int):
             if arguments[key] is not None and key in planned and planned[key] != arguments[key]
         ]
         if clashes:
-            raise ValueError(f"--layers {args.layers!r} is a plan file that disagrees with {'; '.join(clashes)}.")
+            raise ValueError(
+                f"--layers {args.layers!r} is a plan file that disagrees with {'; '.join(clashes)}."
+            )
         arguments = {**arguments, **{key: value for key, value in planned.items() if value is not None}}
     arguments["mixer"] = arguments["mixer"] or "gated_deltanet"
     plan = plan_layers(num_layers, **arguments)
@@ -474,8 +480,7 @@ def question_schedule(asks: list[str], ats: list[str], duration: float) -> list[
 
 def run_stream(args: argparse.Namespace) -> None:
     from hybridize.converters.checkpoint import check_checkpoint, parse_dtype
-    from hybridize.inference.streaming import video_duration
-    from hybridize.media import import_av
+    from hybridize.media import import_av, video_duration
 
     try:
         import_av()
@@ -512,7 +517,8 @@ def stream_video(args: argparse.Namespace, duration: float, schedule: list[tuple
     from tqdm import tqdm
 
     from hybridize.converters.checkpoint import load, load_processor
-    from hybridize.inference.streaming import StreamingSession, sample_video
+    from hybridize.inference.streaming import StreamingSession
+    from hybridize.media import sample_video
 
     processor = load_processor(args.path)
     if processor is None or not hasattr(processor, "image_processor"):

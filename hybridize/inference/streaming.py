@@ -33,7 +33,6 @@ from hybridize.inference.stream_state import (
     growing_layers,
 )
 from hybridize.inference.window_attention import FixedWindowLayer
-from hybridize.media import sample_video, video_duration  # noqa: F401  (hybridize.cli imports them from here)
 from hybridize.mixers.cache import MixerCacheLayer
 
 

@@ -10,7 +10,9 @@ METHOD_NAMES = ("kl", "nll", "mse", "uniform")  # the built-in methods (the regi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, help="the teacher, as for convert (hub id, directory, short name)")
+    parser.add_argument(
+        "--base", required=True, help="the teacher, as for convert (hub id, directory, short name)"
+    )
     parser.add_argument(
         "--data",
         required=True,
@@ -18,21 +20,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="calibration data: chat JSON/JSONL files, or data sets (parquet / arrow folders, hub ids) as for "
         "training; samples must be longer than --window",
     )
-    parser.add_argument("--budget", required=True, help="softmax layers to keep: a count (9) or a fraction (1/4)")
+    parser.add_argument(
+        "--budget", required=True, help="softmax layers to keep: a count (9) or a fraction (1/4)"
+    )
     parser.add_argument("--method", default="kl", help=f"how layers are scored: {', '.join(METHOD_NAMES)}")
     parser.add_argument("--mixer", default="gated_deltanet", help="the linear mixer of the other layers")
     parser.add_argument("--window", type=int, default=8192, help="the sliding window the kept layers get")
     parser.add_argument("--init", default=None, help="init policy of the mixers (default: the mixer's own)")
     parser.add_argument(
-        "--align-steps", type=int, default=None, help="stage 1a steps of the all-linear student (default: the method's)"
+        "--align-steps",
+        type=int,
+        default=None,
+        help="stage 1a steps of the all-linear student (default: the method's)",
     )
     parser.add_argument(
-        "--train-steps", type=int, default=None, help="stage 1b steps per scored layer, kl (default: the method's)"
+        "--train-steps",
+        type=int,
+        default=None,
+        help="stage 1b steps per scored layer, kl (default: the method's)",
     )
-    parser.add_argument("--eval-batches", type=int, default=8, help="held-out batches the scores are measured on")
+    parser.add_argument(
+        "--eval-batches", type=int, default=8, help="held-out batches the scores are measured on"
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="of the alignment and the kl runs")
     parser.add_argument("--greedy", action="store_true", help="kl: re-score the other layers after each pick")
-    parser.add_argument("--max-length", type=int, default=4096, help="tokens per sample (longer ones are cut)")
+    parser.add_argument(
+        "--max-length", type=int, default=4096, help="tokens per sample (longer ones are cut)"
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="samples per batch")
     parser.add_argument("--seed", type=int, default=0, help="data order and mixer initialisation")
     parser.add_argument(
@@ -63,7 +77,12 @@ def run(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from hybridize.cli import check_device
-    from hybridize.converters.checkpoint import base_layer_specs, load_base_config, load_base_model, parse_dtype
+    from hybridize.converters.checkpoint import (
+        base_layer_specs,
+        load_base_config,
+        load_base_model,
+        parse_dtype,
+    )
     from hybridize.evaluation import default_placement
     from hybridize.evaluation.report import import_pyplot
     from hybridize.mixers.registry import get_mixer_class
@@ -109,4 +128,6 @@ def run(args: argparse.Namespace) -> None:
     teacher, _ = load_base_model(args.base, dtype=dtype, device=device)
     result = select_layers(teacher, itertools.chain(held_out, batches), settings, out=args.out)
     print(f"softmax layers ({args.method}, budget {settings.budget}): {result.softmax_layers}")
-    print(f"{result.tokens:,} tokens in {result.seconds:.1f} s; plan written to {Path(args.out) / 'plan.yaml'}")
+    print(
+        f"{result.tokens:,} tokens in {result.seconds:.1f} s; plan written to {Path(args.out) / 'plan.yaml'}"
+    )

@@ -46,10 +46,11 @@ class ProbeLayer(nn.Module):
         valid = key_padding_mask(kwargs.get("attention_mask"), hidden_states.shape[1])
         for name in ("linear", "window"):
             output = getattr(self, name)(hidden_states=hidden_states, **kwargs)[0]
-            self.residuals[name] += float(masked_mse(output.float(), target.float(), valid)) * self._elements(target, valid)
+            self.residuals[name] += float(masked_mse(output.float(), target.float(), valid)) * self._elements(
+                target, valid
+            )
         self.residuals["elements"] += self._elements(target, valid)
         return target, None
-
 
     @staticmethod
     def _elements(target: torch.Tensor, valid: torch.Tensor | None) -> int:
@@ -99,7 +100,9 @@ def layer_forms(model: nn.Module, forms: Mapping[int, str]) -> Iterator[None]:
 
 
 def model_inputs(batch: Mapping, device: torch.device) -> dict:
-    return {key: value.to(device) for key, value in batch.items() if key != "labels" and torch.is_tensor(value)}
+    return {
+        key: value.to(device) for key, value in batch.items() if key != "labels" and torch.is_tensor(value)
+    }
 
 
 def token_count(batch: Mapping) -> int:

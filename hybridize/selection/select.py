@@ -44,14 +44,18 @@ def parse_budget(value: str | int | Fraction, num_layers: int) -> int:
     try:
         number = Fraction(str(value).strip())
     except (ValueError, ZeroDivisionError):
-        raise ValueError(f"budget {value!r} is not a layer count (9) or a fraction of the layers (1/4).") from None
+        raise ValueError(
+            f"budget {value!r} is not a layer count (9) or a fraction of the layers (1/4)."
+        ) from None
     count = number * num_layers if "/" in str(value) or "." in str(value) else number
     if count.denominator != 1:
         raise ValueError(
             f"budget {value} of {num_layers} layers is {float(count):.2f} layers; give a whole number of layers."
         )
     if not 0 <= count <= num_layers:
-        raise ValueError(f"budget {value} is {int(count)} layers; the model has 0..{num_layers} to choose from.")
+        raise ValueError(
+            f"budget {value} is {int(count)} layers; the model has 0..{num_layers} to choose from."
+        )
     return int(count)
 
 
@@ -81,7 +85,9 @@ class SelectionSettings:
             raise ValueError(f"method {self.method!r} has no greedy re-scoring; drop greedy (--greedy).")
         counts = {"align_steps": self.align_steps, "train_steps": self.train_steps}
         if any(value < 0 for value in counts.values()) or self.eval_batches < 1:
-            raise ValueError(f"Need align/train steps >= 0 and eval_batches >= 1; got {counts}, {self.eval_batches}.")
+            raise ValueError(
+                f"Need align/train steps >= 0 and eval_batches >= 1; got {counts}, {self.eval_batches}."
+            )
         if self.window <= 0:
             raise ValueError(f"window must be a positive number of tokens, got {self.window}.")
 
@@ -89,7 +95,10 @@ class SelectionSettings:
 def check_data_length(batches: list[Mapping], window: int) -> None:
     """Scoring compares a layer's windowed attention with its linear mixer; on samples no longer than the
     window the two forms of softmax attention are one and the window's cost is invisible."""
-    longest = max(int(b["attention_mask"].sum(-1).max()) if "attention_mask" in b else b["input_ids"].shape[-1] for b in batches)
+    longest = max(
+        int(b["attention_mask"].sum(-1).max()) if "attention_mask" in b else b["input_ids"].shape[-1]
+        for b in batches
+    )
     if longest <= window:
         raise ValueError(
             f"The selection data is too short for the window: its longest sample has {longest} tokens, the window "
@@ -110,7 +119,9 @@ def check_out_dir(out: Path, settings: SelectionSettings) -> dict | None:
     record = json.loads(progress.read_text())
     if record.get("settings") != dataclasses.asdict(settings):
         saved = record.get("settings", {})
-        different = {k: (saved.get(k), v) for k, v in dataclasses.asdict(settings).items() if saved.get(k) != v}
+        different = {
+            k: (saved.get(k), v) for k, v in dataclasses.asdict(settings).items() if saved.get(k) != v
+        }
         raise ValueError(
             f"--out {str(out)!r} holds an unfinished selection with other settings (saved, now: {different}); rerun "
             "it with its own settings to resume, or give a new directory."
@@ -188,8 +199,12 @@ class SelectionRun:
             self.record["rounds"].append({"chosen": list(chosen), "scores": {}})
         done = self.record["rounds"][round_index]["scores"]
         todo = [idx for idx in layers if str(idx) not in done]
-        description = f"{self.settings.method}: scoring layers" + (f" (pick {round_index + 1})" if self.greedy else "")
-        with tqdm(total=len(layers), initial=len(layers) - len(todo), desc=description, disable=not self.progress) as bar:
+        description = f"{self.settings.method}: scoring layers" + (
+            f" (pick {round_index + 1})" if self.greedy else ""
+        )
+        with tqdm(
+            total=len(layers), initial=len(layers) - len(todo), desc=description, disable=not self.progress
+        ) as bar:
             for idx, value in score(self, chosen, todo) if todo else ():
                 done[str(idx)] = float(value)
                 self.save()
@@ -215,14 +230,23 @@ class SelectionRun:
         return DataLoader([pool[step % len(pool)] for step in range(steps)], batch_size=None)
 
     def stage_arguments(self) -> dict[str, Any]:
-        return dict(teacher=self.teacher, previous_stage=None, learning_rate=self.settings.learning_rate, warmup_ratio=0.05)
+        return dict(
+            teacher=self.teacher,
+            previous_stage=None,
+            learning_rate=self.settings.learning_rate,
+            warmup_ratio=0.05,
+        )
 
     def hybrid(self, softmax_layers: list[int], *, aligned: bool = True) -> nn.Module:
         """The teacher converted with `softmax_layers` as sliding-window attention and the mixer elsewhere,
         the mixers as the alignment left them."""
         options = {self.settings.mixer: {"init": self.settings.init}} if self.settings.init else None
         plan = plan_layers(
-            self.num_layers, swa_layers=softmax_layers, window=self.window, mixer=self.settings.mixer, options=options
+            self.num_layers,
+            swa_layers=softmax_layers,
+            window=self.window,
+            mixer=self.settings.mixer,
+            options=options,
         )
         torch.manual_seed(self.settings.seed)
         hybrid, _ = convert(self.teacher, plan, progress=False)
@@ -251,7 +275,9 @@ class SelectionRun:
             if self.settings.align_steps:
                 L.seed_everything(self.settings.seed, verbose=False)
                 stage = LayerwiseDistillation(hybrid, **self.stage_arguments())
-                self.trainer(self.settings.align_steps).fit(stage, self.train_loader(self.settings.align_steps))
+                self.trainer(self.settings.align_steps).fit(
+                    stage, self.train_loader(self.settings.align_steps)
+                )
                 self.count_train_tokens(self.settings.align_steps)
                 del stage
             flat = {
@@ -311,7 +337,9 @@ class SelectionRun:
                     student_logits = stage.hybrid(**inputs, use_cache=False).logits
                 valid = stage.valid_tokens(inputs) & answer_positions(batch["labels"].to(self.device))
                 tokens = float(valid.sum())
-                total += float(distillation_kl(student_logits, teacher_logits, valid, stage.temperature)) * tokens
+                total += (
+                    float(distillation_kl(student_logits, teacher_logits, valid, stage.temperature)) * tokens
+                )
                 count += tokens
         self.count_eval_tokens()
         del stage
@@ -344,7 +372,11 @@ class SelectionResult:
     seconds: float = 0.0
 
     def plan_arguments(self) -> dict[str, Any]:
-        arguments = {"swa_layers": self.softmax_layers, "window": self.settings.window, "mixer": self.settings.mixer}
+        arguments = {
+            "swa_layers": self.softmax_layers,
+            "window": self.settings.window,
+            "mixer": self.settings.mixer,
+        }
         if self.settings.init:
             arguments["options"] = {self.settings.mixer: {"init": self.settings.init}}
         return arguments

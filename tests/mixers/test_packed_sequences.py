@@ -160,12 +160,21 @@ def test_varlen_kernels_match_the_per_sequence_reference_in_bf16(name, options, 
     out, grad, param_grads = run_with_grads(packed(kernel), kernel, hidden_states, upstream)
     assert len(calls) == 1
     errors = {}
-    for label, run in (("kernel per sequence", per_sequence(kernel)), ("torch per sequence", packed(reference))):
+    for label, run in (
+        ("kernel per sequence", per_sequence(kernel)),
+        ("torch per sequence", packed(reference)),
+    ):
         module = kernel if label.startswith("kernel") else reference
         expected, expected_grad, expected_param_grads = run_with_grads(run, module, hidden_states, upstream)
-        errors[label] = {"output": relative_rms(expected, out), "input grad": relative_rms(expected_grad, grad)}
+        errors[label] = {
+            "output": relative_rms(expected, out),
+            "input grad": relative_rms(expected_grad, grad),
+        }
         errors[label].update(
-            {parameter: relative_rms(value, param_grads[parameter]) for parameter, value in expected_param_grads.items()}
+            {
+                parameter: relative_rms(value, param_grads[parameter])
+                for parameter, value in expected_param_grads.items()
+            }
         )
         if label.startswith("torch"):
             with torch.no_grad():  # inference kernels (fla's autograd-free operator for Gated DeltaNet)

@@ -25,7 +25,9 @@ from mqar import MQARBatches  # noqa: E402
 from sweep import SETTINGS, load_teacher  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "infinitevl"
-LOOKUP_LAYER = 1  # the shipped 2-layer MQAR teacher: layer 0 binds each value to its key, layer 1 looks keys up
+LOOKUP_LAYER = (
+    1  # the shipped 2-layer MQAR teacher: layer 0 binds each value to its key, layer 1 looks keys up
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,10 @@ def test_a_rerun_skips_the_layers_already_scored(recall_teacher, tmp_path, monke
     assert scored == [0]
     assert resumed.scores == pytest.approx(fresh.scores, rel=1e-5)
     report = json.loads((tmp_path / "sel" / "scores.json").read_text())
-    assert report["softmax_layers"] == resumed.softmax_layers and (tmp_path / "sel" / "scores.png").stat().st_size
+    assert (
+        report["softmax_layers"] == resumed.softmax_layers
+        and (tmp_path / "sel" / "scores.png").stat().st_size
+    )
 
 
 def test_a_user_method_registers_and_runs(recall_teacher):
@@ -135,7 +140,10 @@ def test_the_plan_flows_through_convert_and_a_training_stage(chat_data, tmp_path
     chosen = yaml.safe_load(plan.read_text())["swa_layers"]
     assert len(chosen) == 2
     converted = tmp_path / "converted"
-    assert cli.main(["convert", "--base", "tiny-qwen2.5-vl", "--layers", str(plan), "--out", str(converted)]) == 0
+    assert (
+        cli.main(["convert", "--base", "tiny-qwen2.5-vl", "--layers", str(plan), "--out", str(converted)])
+        == 0
+    )
     layers = read_plan(converted)["hybridize"]["layers"]
     assert [idx for idx, name in enumerate(layers) if name == "sliding_window"] == chosen
     export = tmp_path / "stage1" / "hybrid"
@@ -175,7 +183,9 @@ def test_bad_input_is_one_line_before_loading(chat_data, tmp_path, monkeypatch, 
     with pytest.raises(SystemExit) as exit_info:
         cli.main(select_command(tmp_path / "sel", chat_data, *extra))
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after the data check's progress bar
-    assert exit_info.value.code == 2 and error.startswith("hybridize select: error:") and message in error, error
+    assert exit_info.value.code == 2 and error.startswith("hybridize select: error:") and message in error, (
+        error
+    )
     assert not (tmp_path / "sel").exists()
 
 

@@ -56,6 +56,7 @@ from hybridize.converters import convert, load, plan_layers  # noqa: E402
 from hybridize.lightning_modules import EndToEndDistillation, LayerwiseDistillation, SupervisedFineTuning  # noqa: E402
 from hybridize.lightning_modules.losses import token_cross_entropy  # noqa: E402
 from hybridize.mixers import get_mixer_class  # noqa: E402
+from hybridize.selection import SelectionSettings, select_layers  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Variant:
     init: str | None = None  # "mimic", "attention_transfer", or None: the mixer's own default
     training: str = "distil"  # "distil" (stages 1a + 1b), "sft" (the task's cross-entropy), "none"
     swa_offset: int = 0  # the SWA layers are i % k == swa_offset for ratio 1/k (0: the recipe's placement)
+    selection: str | None = None  # a `hybridize select` method places the ratio's SWA layers instead
 
     def plan_arguments(self, num_layers: int, window: int) -> dict:
         """`plan_layers` arguments: the ratio, or with an offset the same number of SWA layers moved along."""
@@ -96,7 +98,21 @@ VARIANTS = {
         init="attention_transfer",
         swa_offset=1,
     ),
+    # As many SWA layers as the ratio gives, placed by `hybridize select` on the task's data (window W).
+    "select_kl": Variant(
+        "1/4 SWA placed by select --method kl + Gated DeltaNet",
+        "1/4",
+        init="attention_transfer",
+        selection="kl",
+    ),
+    "select_nll": Variant(
+        "1/4 SWA placed by select --method nll + Gated DeltaNet",
+        "1/4",
+        init="attention_transfer",
+        selection="nll",
+    ),
 }
+EXTRA_VARIANTS = ("swa_on_lookup_layers", "select_kl", "select_nll")  # run only when named in --variants
 INIT_CANDIDATES = {"ivl_mimic": "mimic", "ivl_transfer": "attention_transfer"}
 
 
@@ -117,7 +133,9 @@ class Setting:
     teacher_learning_rate: float
     stage_learning_rate: float
     eval_sequences: int
-    variants: tuple[str, ...] = field(default_factory=lambda: tuple(VARIANTS)[:-1])  # extras by --variants
+    variants: tuple[str, ...] = field(
+        default_factory=lambda: tuple(name for name in VARIANTS if name not in EXTRA_VARIANTS)
+    )
 
 
 SETTINGS = {
@@ -263,6 +281,12 @@ def train_student(
 ) -> nn.Module:
     """Convert the teacher by `variant`'s plan and train the student as the variant says; the trained hybrid."""
     plan_arguments = variant.plan_arguments(setting.num_layers, setting.window)
+    if variant.selection:
+        plan_arguments = {
+            **plan_arguments,
+            "ratio": None,
+            "swa_layers": selected_layers(variant, init, teacher, setting),
+        }
     options = {variant.mixer: {"init": init}} if variant.ratio != "1" else {}
     L.seed_everything(0, verbose=False)
     hybrid, _ = convert(
@@ -300,6 +324,25 @@ def train_student(
         end_to_end, batches(setting, setting.end_to_end_steps, seed=4)
     )
     return load(run / "end_to_end")
+
+
+def selected_layers(variant: Variant, init: str, teacher: nn.Module, setting: Setting) -> list[int]:
+    """The SWA layers `hybridize select` picks for `variant` on the task's data: as many as the ratio keeps,
+    scored with the window W on sequences longer than it (the layer-wise alignment as long as stage 1a)."""
+    budget = len(
+        plan_layers(setting.num_layers, variant.ratio, window=setting.window).layers_with("sliding_window")
+    )
+    settings = SelectionSettings(
+        method=variant.selection, budget=budget, window=setting.window, mixer=variant.mixer, init=init,
+        align_steps=setting.layerwise_steps, train_steps=setting.end_to_end_steps // 5 if variant.selection == "kl" else None,
+        eval_batches=2, learning_rate=setting.stage_learning_rate,
+    )  # fmt: skip
+    data = MQARBatches(setting.task, settings.eval_batches + settings.align_steps, setting.batch_size, seed=6)
+    result = select_layers(teacher, (data[i] for i in range(len(data))), settings, progress=False)
+    print(
+        f"{variant.selection} selection: SWA at {result.softmax_layers}, scores {result.scores}", flush=True
+    )
+    return result.softmax_layers
 
 
 def distance_edges(setting: Setting, per_window: int) -> list[int]:

@@ -14,6 +14,7 @@ import re
 from collections import defaultdict
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -322,11 +323,22 @@ class HybridStage(L.LightningModule):
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.learning_rate,
         )
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: self.learning_rate_factor(step, total)
+            optimizer, partial(self.learning_rate_factor, total=self.scheduled_steps())
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def scheduled_steps(self) -> int:
+        """The optimizer steps the schedule spans: the Trainer's estimate (max_steps, or epochs x batches)."""
+        if self._trainer is None:
+            return 1
+        estimated = self.trainer.estimated_stepping_batches  # an iterable without max_steps: -1 (or inf)
+        if not math.isfinite(estimated) or estimated < 1:
+            raise ValueError(
+                "The training data is a stream of unknown length (data.sources), so the learning-rate schedule "
+                "has no end; set trainer.max_steps (e.g. --trainer.max_steps 10000)."
+            )
+        return max(1, int(estimated))
 
     def learning_rate_factor(self, step: int, total: int) -> float:
         """Linear warm-up over `warmup_ratio` of the steps, then constant or cosine decay to

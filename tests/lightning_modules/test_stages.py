@@ -375,6 +375,21 @@ def test_learning_rate_schedule_warms_up_then_decays(saved_hybrid):
         LayerwiseDistillation(str(path), teacher=teacher, warmup_ratio=1.5)
 
 
+def test_a_stream_without_max_steps_is_refused_before_training(saved_hybrid):
+    """A stream has no length: the schedule would have no end (it decayed over one step), so fit stops first."""
+    path, teacher = saved_hybrid
+    module = LayerwiseDistillation(str(path), teacher=teacher)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield {"input_ids": torch.randint(0, 100, (1, 16))}
+
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(ValueError, match="set trainer.max_steps"):
+        trainer.fit(module, torch.utils.data.DataLoader(Stream(), batch_size=None))
+
+
 def test_the_recorded_base_model_is_the_default_teacher(tmp_path):
     teacher, tokenizer = hybridize.load_base_model("tiny-llama")
     hybrid, _ = hybridize.convert(teacher, hybridize.plan_layers(8, "1/4", window=64), progress=False)

@@ -13,7 +13,15 @@ RECALL = Path(__file__).resolve().parent.parent / "examples" / "recall"
 sys.path.insert(0, str(RECALL))
 
 from mqar import IGNORE, MQARBatches, MQARTask, accuracy_in_bins  # noqa: E402
-from sweep import SETTINGS, VARIANTS, load_teacher, run_sweep, stack_layers, teacher_config  # noqa: E402
+from sweep import (  # noqa: E402
+    SETTINGS,
+    VARIANTS,
+    load_teacher,
+    place_layers,
+    run_sweep,
+    stack_layers,
+    teacher_config,
+)
 
 SHIPPED_TEACHER = RECALL / "teachers" / "cpu"
 
@@ -75,6 +83,18 @@ def test_stacked_teacher_repeats_the_layers_in_order():
         ):
             assert torch.equal(p, q), (idx, name)
     assert torch.equal(stacked.lm_head.weight, model.lm_head.weight)
+
+
+def test_a_spread_teacher_computes_what_its_seed_computes():
+    """cpu_spread: the seed teacher's layers at 0 and 4 of 8, the others adding nothing to the residual stream."""
+    seed = load_teacher(SHIPPED_TEACHER, SETTINGS["cpu"])
+    spread = load_teacher(SHIPPED_TEACHER, SETTINGS["cpu_spread"])
+    assert spread.config.num_hidden_layers == 8
+    ids = MQARBatches(SETTINGS["cpu"].task, 1, 4, seed=0)[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(spread(input_ids=ids).logits, seed(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(place_layers(seed, [1, None]).model.layers[0].mlp.up_proj.weight,
+                       seed.model.layers[1].mlp.up_proj.weight)  # fmt: skip
 
 
 def test_variant_plans_place_the_sliding_window_layers():

@@ -136,6 +136,9 @@ class Setting:
     variants: tuple[str, ...] = field(
         default_factory=lambda: tuple(name for name in VARIANTS if name not in EXTRA_VARIANTS)
     )
+    # The seed teacher's layers at these positions of a deeper teacher (None: a layer that adds nothing), instead
+    # of stacking and fine-tuning: a teacher whose lookup sits exactly where a placement puts it.
+    placement: tuple[int | None, ...] | None = None
 
 
 SETTINGS = {
@@ -153,6 +156,15 @@ SETTINGS = {
         teacher_steps=4000, stack_steps=0, layerwise_steps=100, end_to_end_steps=100, batch_size=32,
         teacher_learning_rate=1e-3, stage_learning_rate=3e-3, eval_sequences=256,
         variants=("swa_only", "ivl_transfer"),
+    ),
+    # The cpu teacher's two layers spread over eight: the binding layer at 0, the lookup at 4, where the recipe's
+    # 1/4 puts its SWA layers (0 and 4), the others adding nothing. Uses the cpu setting's trained teacher.
+    "cpu_spread": Setting(
+        task=MQARTask(num_pairs=4, num_queries=8, num_keys=16, num_values=16, seq_len=72),
+        window=8, hidden_size=64, num_heads=4, num_kv_heads=2, num_layers=8, seed_layers=2,
+        teacher_steps=4000, stack_steps=0, layerwise_steps=100, end_to_end_steps=100, batch_size=32,
+        teacher_learning_rate=1e-3, stage_learning_rate=3e-3, eval_sequences=256,
+        variants=("ivl_transfer", "select_kl", "select_nll"), placement=(0, None, None, None, 1, None, None, None),
     ),
 }  # fmt: skip
 
@@ -200,16 +212,28 @@ def teacher_config(setting: Setting, num_layers: int) -> LlamaConfig:
 def stack_layers(model: LlamaForCausalLM, num_layers: int) -> LlamaForCausalLM:
     """A deeper copy of `model`: decoder layer i is a copy of layer i % (its depth); everything else shared."""
     depth = model.config.num_hidden_layers
+    return place_layers(model, [idx % depth for idx in range(num_layers)])
+
+
+def place_layers(model: LlamaForCausalLM, order: list[int | None]) -> LlamaForCausalLM:
+    """A copy of `model` whose decoder layer i is a copy of its layer order[i], or for None a layer that adds
+    nothing to the residual stream (zero attention output and MLP down projections): the same function, with the
+    model's layers at the positions `order` puts them."""
     config = copy.deepcopy(model.config)
-    config.num_hidden_layers = num_layers
-    stacked = LlamaForCausalLM(config).to(next(model.parameters()).device)
+    config.num_hidden_layers = len(order)
+    placed = LlamaForCausalLM(config).to(next(model.parameters()).device)
     source = model.state_dict()
 
     def source_key(key: str) -> str:
-        return re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) % depth}.", key)
+        return re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{order[int(m.group(1))] or 0}.", key)
 
-    stacked.load_state_dict({key: source[source_key(key)] for key in stacked.state_dict()})
-    return stacked
+    state = {key: source[source_key(key)].clone() for key in placed.state_dict()}
+    for idx, layer in enumerate(order):
+        if layer is None:
+            for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+                state[f"model.layers.{idx}.{name}"].zero_()
+    placed.load_state_dict(state)
+    return placed
 
 
 def trainer(steps: int, out: Path, accelerator: str) -> L.Trainer:
@@ -239,7 +263,9 @@ def train_teacher(setting: Setting, out: Path, accelerator: str) -> LlamaForCaus
         TaskTraining(model, setting.teacher_learning_rate),
         batches(setting, setting.teacher_steps, seed=1, curriculum=0.4),
     )
-    if setting.num_layers != setting.seed_layers:
+    if setting.placement:
+        model = place_layers(model, list(setting.placement))
+    elif setting.num_layers != setting.seed_layers:
         model = stack_layers(model, setting.num_layers)
         trainer(setting.stack_steps, out / "teacher", accelerator).fit(
             TaskTraining(model, setting.teacher_learning_rate / 3),
@@ -256,6 +282,10 @@ def load_teacher(path: Path, setting: Setting) -> LlamaForCausalLM:
             f"--teacher {str(path)!r} has no config.json; give a run's teacher_model directory."
         )
     teacher = LlamaForCausalLM.from_pretrained(path)
+    if (
+        setting.placement and teacher.config.num_hidden_layers == setting.seed_layers
+    ):  # the seed teacher: place it
+        teacher = place_layers(teacher, list(setting.placement))
     expected = teacher_config(setting, setting.num_layers)
     keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
     different = {key: (getattr(teacher.config, key), getattr(expected, key)) for key in keys}

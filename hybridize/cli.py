@@ -263,17 +263,9 @@ def read_layer_map(value: str | None):
     """--layers: a map string, or a YAML/JSON file holding a list, a mapping or a plan (`hybridize select`)."""
     if value is None or not value.endswith((".yaml", ".yml", ".json")):
         return value
-    import yaml
+    from hybridize.converters.plan import read_layers_file
 
-    path = Path(value)
-    if not path.is_file():
-        raise FileNotFoundError(f"--layers file {value!r} does not exist.")
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, (list, dict)):
-        raise ValueError(
-            f"--layers file {value!r} must hold a list (one mixer per layer), a mapping or a plan file's arguments."
-        )
-    return data
+    return read_layers_file(value, "--layers file")
 
 
 def build_plan(args: argparse.Namespace, num_layers: int):
@@ -291,9 +283,8 @@ def build_plan(args: argparse.Namespace, num_layers: int):
         options=options,
         round_to_layers=args.round,
     )
-    if is_plan_file_content(
-        arguments["layers"]
-    ):  # a plan file (`hybridize select`): its arguments, not a map
+    # A plan file (`hybridize select`) holds plan_layers arguments, not a layer map.
+    if is_plan_file_content(arguments["layers"]):
         planned = arguments.pop("layers")
         given = [
             f"--{key.replace('_', '-')}" for key in ("ratio", "swa_layers") if arguments[key] is not None

@@ -264,16 +264,27 @@ def is_plan_file_content(data: Any) -> bool:
     return isinstance(data, Mapping) and bool(data) and all(key in PLAN_ARGUMENTS for key in data)
 
 
-def read_plan_file(path: str) -> dict[str, Any]:
-    """The `plan_layers` arguments in a plan file (YAML or JSON), as `hybridize select` writes it:
-    `{swa_layers: [5, 17], window: 8192, mixer: gated_deltanet}`. `hybridize convert --layers FILE` and a stage
-    config's `plan: FILE` read it unchanged."""
+def read_layers_file(path: str, what: str = "layers file") -> list | dict:
+    """A YAML or JSON file holding a layer map (a list with one mixer per layer, or a mapping) or a plan file's
+    `plan_layers` arguments; `what` names it in errors (e.g. "--layers file")."""
     import yaml
 
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"plan file {str(path)!r} does not exist.")
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist.")
     data = yaml.safe_load(file.read_text())
+    if not isinstance(data, (list, dict)):
+        raise ValueError(
+            f"{what} {str(path)!r} must hold a list (one mixer per layer), a mapping or a plan file's arguments."
+        )
+    return data
+
+
+def read_plan_file(path: str) -> dict[str, Any]:
+    """The `plan_layers` arguments in a plan file (YAML or JSON), as `hybridize select` writes it:
+    `{swa_layers: [5, 17], window: 8192, mixer: gated_deltanet}`. `hybridize convert --layers FILE` and a stage
+    config's `plan: FILE` read it unchanged."""
+    data = read_layers_file(path, "plan file")
     if not is_plan_file_content(data):
         names = sorted(data) if isinstance(data, Mapping) else type(data).__name__
         raise ValueError(

@@ -185,18 +185,26 @@ class EndToEndDistillation(DistillationStage):
         with distillation_mode(self.hybrid, "teacher"), torch.no_grad():
             return self.hybrid(**inputs, use_cache=False, **head).logits
 
-    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+    def teacher_student_kl(
+        self, batch: dict, valid: torch.Tensor, *, every_position: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """KL(teacher || student) at the stage's temperature over the `valid` (B, T) positions, and the student's
+        logits: of those positions only (the head projects no others), or of every position if asked."""
         inputs = self.model_inputs(batch)
-        valid = self.valid_tokens(batch)
-        # The KL reads only positions with real tokens; the CE term needs the logits of every position.
-        positions = None if self.ce_weight else valid_positions(valid)
+        positions = None if every_position else valid_positions(valid)
         head = {} if positions is None else logits_kept(self.hybrid, positions)
         if head:
             valid = valid[:, positions]
         teacher_logits = self.teacher_logits(inputs, **head)  # (B, T or kept positions, V)
         with distillation_mode(self.hybrid, "student"):
             student_logits = self.hybrid(**inputs, use_cache=False, **head).logits
-        kl = distillation_kl(student_logits, teacher_logits, valid, self.temperature)
+        return distillation_kl(student_logits, teacher_logits, valid, self.temperature), student_logits
+
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        # The KL reads only positions with real tokens; the CE term needs the logits of every position.
+        kl, student_logits = self.teacher_student_kl(
+            batch, self.valid_tokens(batch), every_position=bool(self.ce_weight)
+        )
         losses = {"loss": kl, "kl": kl}
         if self.ce_weight:
             ce = token_cross_entropy(student_logits, batch["labels"])

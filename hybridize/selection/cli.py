@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 
 METHOD_NAMES = ("kl", "nll", "mse", "uniform")  # the built-in methods (the registry may hold more)
@@ -88,8 +87,8 @@ def run(args: argparse.Namespace) -> None:
     from hybridize.mixers.registry import get_mixer_class
     from hybridize.selection.select import (
         SelectionSettings,
-        check_data_length,
         check_out_dir,
+        hold_out,
         parse_budget,
         select_layers,
     )
@@ -115,18 +114,11 @@ def run(args: argparse.Namespace) -> None:
         source={"base": args.base, "data": list(args.data), "max_length": args.max_length, "dtype": dtype},
     )
     check_out_dir(Path(args.out), settings)
-    batches = iter(data_module(args).train_dataloader())
-    held_out = list(itertools.islice(batches, settings.eval_batches))
-    if len(held_out) < settings.eval_batches:
-        raise ValueError(
-            f"--data gives {len(held_out)} batches; --eval-batches {settings.eval_batches} are held out for "
-            "scoring and training needs more: give more data or fewer --eval-batches."
-        )
-    check_data_length(held_out, settings.window)
+    held_out, training = hold_out(data_module(args).train_dataloader(), settings)
 
     print(f"loading {args.base} ...", file=sys.stderr)
     teacher, _ = load_base_model(args.base, dtype=dtype, device=device)
-    result = select_layers(teacher, itertools.chain(held_out, batches), settings, out=args.out)
+    result = select_layers(teacher, [*held_out, *training], settings, out=args.out)
     print(f"softmax layers ({args.method}, budget {settings.budget}): {result.softmax_layers}")
     print(
         f"{result.tokens:,} tokens in {result.seconds:.1f} s; plan written to {Path(args.out) / 'plan.yaml'}"

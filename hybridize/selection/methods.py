@@ -6,13 +6,14 @@ becoming the linear mixer? A higher score means keep softmax attention there. Th
 the recipe they run to answer it:
 
 - `mse`: after a short layer-wise alignment (stage 1a), each layer's residual on the teacher's own input to it:
-  relative error of the mixer minus that of the windowed attention. The cheapest; sees each layer alone.
+  the mean squared error of the mixer minus that of the windowed attention (stage 1a's loss), all layers in one
+  pass. The cheapest; sees each layer alone.
 - `nll`: the rise in answer-token NLL when this layer alone is the mixer, minus the rise when it alone is the
   windowed attention (every other layer the teacher's). Calibration forwards, no training beyond an optional
   alignment.
 - `kl`: KL-guided selection (fla-org/hybrid-distillation): after the alignment of an all-linear student, restore
   one layer at a time (windowed), run a short end-to-end KL distillation (stage 1b) and score the layer by how
-  far the held-out KL falls below the all-linear student's after the same steps. `greedy` re-scores the
+  far the held-out KL on the answer tokens falls below the all-linear student's after the same steps. `greedy` re-scores the
   remaining layers after each pick with the picks kept.
 - `uniform`: the recipe's interleave (i % k == 0), no scores: the baseline the others are compared with.
 
@@ -83,7 +84,7 @@ class UniformMethod(SelectionMethod):
 
 
 @register_method
-class ResidualMethod(SelectionMethod):
+class MseMethod(SelectionMethod):
     name = "mse"
     defaults = {"align_steps": 50, "train_steps": 0}
 

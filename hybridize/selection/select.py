@@ -33,7 +33,7 @@ from hybridize.converters.convert import convert
 from hybridize.converters.discovery import find_decoder_layout
 from hybridize.converters.plan import plan_layers
 from hybridize.selection.methods import get_method
-from hybridize.selection.probe import attach_probes, model_inputs, token_count
+from hybridize.selection.probe import attach_probes, token_count
 
 PROGRESS_FILE, ALIGNED_FILE = "progress.json", "aligned_mixers.safetensors"
 PLAN_FILE, SCORES_FILE, PLOT_FILE = "plan.yaml", "scores.json", "scores.png"
@@ -106,6 +106,21 @@ def check_data_length(batches: list[Mapping], window: int) -> None:
         )
 
 
+def hold_out(batches: Iterable[Mapping], settings: SelectionSettings) -> tuple[list[Mapping], list[Mapping]]:
+    """The first `eval_batches` batches, held out for scoring, and up to the most steps the method trains after
+    them (the held-out ones when nothing follows), checked: enough batches, samples longer than the window."""
+    batches = iter(batches)
+    held_out = list(itertools.islice(batches, settings.eval_batches))
+    if len(held_out) < settings.eval_batches:
+        raise ValueError(
+            f"The selection data gives {len(held_out)} batches; eval_batches={settings.eval_batches} are held out "
+            "for scoring (and training needs more): give more data or fewer --eval-batches."
+        )
+    check_data_length(held_out, settings.window)
+    training = list(itertools.islice(batches, max(settings.align_steps, settings.train_steps)))
+    return held_out, training or held_out
+
+
 def check_out_dir(out: Path, settings: SelectionSettings) -> dict | None:
     """Refuse an --out that holds anything but an unfinished selection with these settings (resumed)."""
     if out.exists() and not out.is_dir():
@@ -151,16 +166,7 @@ class SelectionRun:
         self.budget, self.greedy, self.window = settings.budget, settings.greedy, settings.window
         if self.budget > self.num_layers:
             raise ValueError(f"budget {self.budget} is more than the model's {self.num_layers} layers.")
-        batches = iter(batches)
-        self.eval_batches = list(itertools.islice(batches, settings.eval_batches))
-        steps = max(settings.align_steps, settings.train_steps)
-        self.train_batches = list(itertools.islice(batches, steps)) or self.eval_batches
-        if len(self.eval_batches) < settings.eval_batches:
-            raise ValueError(
-                f"The selection data gives {len(self.eval_batches)} batches; eval_batches={settings.eval_batches} "
-                "are held out for scoring (and training needs more): give more data or fewer --eval-batches."
-            )
-        check_data_length(self.eval_batches, settings.window)
+        self.eval_batches, self.train_batches = hold_out(batches, settings)
         self.device = next(teacher.parameters()).device
         low_precision = next(teacher.parameters()).dtype in (torch.bfloat16, torch.float16)
         self.precision = "bf16-mixed" if low_precision else "32-true"
@@ -318,8 +324,6 @@ class SelectionRun:
         if key in self.record["distilled_kl"]:
             return self.record["distilled_kl"][key]
         from hybridize.lightning_modules.distillation import EndToEndDistillation
-        from hybridize.lightning_modules.losses import distillation_kl
-        from hybridize.lightning_modules.teacher import distillation_mode
 
         L.seed_everything(self.settings.seed, verbose=False)
         stage = EndToEndDistillation(self.hybrid(sorted(softmax_layers)), **self.stage_arguments())
@@ -330,16 +334,10 @@ class SelectionRun:
         total = count = 0.0
         with torch.no_grad(), self.autocast():
             for batch in self.eval_batches:
-                inputs = model_inputs(batch, self.device)
-                with distillation_mode(stage.hybrid, "teacher"):
-                    teacher_logits = stage.hybrid(**inputs, use_cache=False).logits
-                with distillation_mode(stage.hybrid, "student"):
-                    student_logits = stage.hybrid(**inputs, use_cache=False).logits
-                valid = stage.valid_tokens(inputs) & answer_positions(batch["labels"].to(self.device))
+                batch = {key: value.to(self.device) for key, value in batch.items() if torch.is_tensor(value)}
+                valid = stage.valid_tokens(batch) & answer_positions(batch["labels"])
                 tokens = float(valid.sum())
-                total += (
-                    float(distillation_kl(student_logits, teacher_logits, valid, stage.temperature)) * tokens
-                )
+                total += float(stage.teacher_student_kl(batch, valid)[0]) * tokens
                 count += tokens
         self.count_eval_tokens()
         del stage

@@ -12,8 +12,11 @@ bf16 and trainable ones as fp32 master weights (AdamW), gradient checkpointing a
 - `stage3_lora` (LoRA as the long-SFT config sets it) against `stock_lora` (the same adapters on the stock
   decoder's linear layers);
 - `stage3_lora_packed8`: stage 3 on rows of 8 packed samples (the data module's packing format: position ids
-  restarting per sample, `cu_seq_lens`) against `stage3_lora` on one sample of the same length.
-The stock model runs SDPA attention (causal, no mask: its FlashAttention kernel). A variant without
+  restarting per sample, `cu_seq_lens`) against `stage3_lora` on one sample of the same length;
+  `stage3_lora_packed8_dense_masks`: the same rows with the softmax layers under SDPA and transformers' dense
+  block-diagonal window masks instead of the flash-window kernel the stages use (`hybridize.mixers.flash_window`).
+The stock model runs SDPA attention (causal, no mask: its FlashAttention kernel); the hybrid's softmax layers
+(the SWA layers, stage 1's teacher attention) run PyTorch's flash kernel with their window, varlen for packed rows. A variant without
 checkpointing that runs out of memory runs again with it (not stage 1a: its forward runs without gradients,
 so checkpointing changes nothing there); one that still does is recorded as "oom" and the run goes on.
 
@@ -287,6 +290,7 @@ class Variant:
     model: str  # "hybrid" or "stock"
     baseline: str | None = None
     packed_samples: int = 1
+    dense_masks: bool = False  # softmax layers under SDPA's dense masks instead of the flash-window kernel
 
 
 # In the order they run at one length (see run_order).
@@ -296,6 +300,9 @@ VARIANTS = {
     "stage3_lora": Variant("3", "hybrid", baseline="stock_lora"),
     "stock_lora": Variant("3", "stock"),
     "stage3_lora_packed8": Variant("3", "hybrid", baseline="stage3_lora", packed_samples=8),
+    "stage3_lora_packed8_dense_masks": Variant(
+        "3", "hybrid", baseline="stage3_lora_packed8", packed_samples=8, dense_masks=True
+    ),
     "stage1a_layerwise": Variant("1a", "hybrid", baseline="stock_converted_attention"),
     "stage1b_end_to_end": Variant("1b", "hybrid", baseline="stock_converted_attention"),
     "stock_converted_attention": Variant("1a", "stock"),  # stage 1's set; 1a's recipe: no checkpointing
@@ -356,6 +363,7 @@ def build_module(name: str, checkpointing: bool, config, shape: Shape, device, d
         learning_rate=args.learning_rate,
         schedule="constant",
         gradient_checkpointing=checkpointing,
+        flash_window=not variant.dense_masks,
     )
     if variant.stage in ("1a", "1b"):
         stage = LayerwiseDistillation if variant.stage == "1a" else EndToEndDistillation
@@ -613,7 +621,7 @@ def plot(report: dict, path: Path) -> bool:
                 (
                     name,
                     "-" if variant.packed_samples == 1 else "",
-                    "o" if variant.packed_samples == 1 else "*",
+                    "x" if variant.dense_masks else "o" if variant.packed_samples == 1 else "*",
                 )
             ]
             if variant.packed_samples == 1 and variant.baseline:

@@ -25,9 +25,15 @@ from packaging.version import Version
 
 # Cache classes our cache slots subclass (their attributes `keys`, `values`, `cumulative_length`, `is_sliding`,
 # `_sliding_window_tensor` and `get_mask_sizes` are relied on), and SDPA as transformers' attention interface calls it.
+from transformers import AttentionInterface  # noqa: E402
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer  # noqa: E402
 from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (  # noqa: E402
+    AttentionMaskInterface,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    flash_attention_mask,
+)
 
 __all__ = ["Cache", "DynamicLayer", "DynamicSlidingWindowLayer", "sdpa_attention_forward"]
 
@@ -139,6 +145,13 @@ def set_attention_implementation(config, name: str) -> None:
     registered at run time (our decode and window attentions) does not pass on every version.
     """
     config._attn_implementation = name
+
+
+def register_unpadded_attention(name: str, function) -> None:
+    """Register an attention function under `name` whose masks are built as for flash-attention: None, or the 2-D
+    key-padding mask (which the linear mixers read as well); packed rows reach it as `cu_seq_lens_q/k` kwargs."""
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, flash_attention_mask)
 
 
 @contextlib.contextmanager

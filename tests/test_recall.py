@@ -92,7 +92,9 @@ def test_a_spread_teacher_computes_what_its_seed_computes():
     assert spread.config.num_hidden_layers == 8
     ids = MQARBatches(SETTINGS["cpu"].task, 1, 4, seed=0)[0]["input_ids"]
     with torch.no_grad():
-        torch.testing.assert_close(spread(input_ids=ids).logits, seed(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            spread(input_ids=ids).logits, seed(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+        )
     assert torch.equal(place_layers(seed, [1, None]).model.layers[0].mlp.up_proj.weight,
                        seed.model.layers[1].mlp.up_proj.weight)  # fmt: skip
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hybridize.compat import auto_model_class
+from hybridize.compat import auto_model_class, set_attention_implementation
 from hybridize.mixers.base import AttentionSpec, TokenMixer
 
 ATTENTION_ATTRIBUTE = "self_attn"
@@ -47,6 +47,24 @@ def find_decoder_layout(model: nn.Module) -> DecoderLayout:
             )
     text_config = model.config.get_text_config(decoder=True)
     return DecoderLayout(text_config=text_config, decoder=decoder, layers=layers)
+
+
+def use_attention_implementation(model: nn.Module, name: str) -> None:
+    """Point the text decoder's attention at the implementation `name`: the masks the decoder builds and every
+    softmax attention module inside its layers (a kept layer, a mixer's wrapped attention, a distillation
+    teacher's copy, which may carry their own config objects). The vision tower keeps its own."""
+    layout = find_decoder_layout(model)
+    configs = {id(layout.text_config): layout.text_config}
+    configs[id(getattr(layout.decoder, "config", layout.text_config))] = getattr(
+        layout.decoder, "config", layout.text_config
+    )
+    for layer in layout.layers:
+        for module in layer.modules():
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "_attn_implementation"):
+                configs[id(config)] = config
+    for config in configs.values():
+        set_attention_implementation(config, name)
 
 
 def attention_spec(attention: nn.Module, text_config) -> AttentionSpec:

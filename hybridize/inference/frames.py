@@ -31,8 +31,8 @@ from PIL import Image
 
 from hybridize.compat import configured_attention, is_qwen2_5_vision, qwen2_5_vision_index_tensors
 from hybridize.inference.cuda_graphs import capture_cuda_graph
-from hybridize.inference.flash import flash_kernel_usable
 from hybridize.inference.vision_attention import BlockDiagonalMasks, packed_attention_on
+from hybridize.mixers.ops.flash import flash_kernel_usable
 
 QUESTION_MARKER = "\x00question\x00"  # stands in for the question while the chat template is split
 

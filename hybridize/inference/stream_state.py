@@ -26,10 +26,10 @@ from transformers import DynamicCache
 from hybridize.compat import attention_implementation, cache_argument, causal_mask, sliding_window_causal_mask
 from hybridize.converters.discovery import find_decoder_layout
 from hybridize.inference.cuda_graphs import capture_cuda_graph
-from hybridize.inference.flash import flash_kernel_usable
 from hybridize.inference.frames import text_positions
 from hybridize.inference.window_attention import WINDOW_ATTENTION, FixedWindowLayer, WindowKeys
 from hybridize.mixers.base import TokenMixer
+from hybridize.mixers.ops.flash import flash_kernel_usable
 from hybridize.mixers.sliding_window import SlidingWindowMixer
 
 

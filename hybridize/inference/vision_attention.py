@@ -6,7 +6,7 @@ small attention calls per frame). Under a flash implementation it instead hands 
 attention function with the boundaries as `cu_seq_lens_q` / `cu_seq_lens_k`. `packed_sdpa_attention` takes that
 call and runs it as one SDPA call whose boolean mask is block-diagonal over the segments: more arithmetic (each
 query is scored against every key, the mask zeroes the other windows) for far fewer kernels. Where PyTorch's
-flash kernel runs (`hybridize.inference.flash`), the call is instead its varlen form over the segments, which
+flash kernel runs (`hybridize.mixers.ops.flash`), the call is instead its varlen form over the segments, which
 scores each query against its own window only; a single segment (the ViT's full-attention layers) is plain SDPA.
 """
 
@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AttentionInterface
 
 from hybridize.compat import attention_implementation
-from hybridize.inference.flash import flash_attention
+from hybridize.mixers.ops.flash import flash_attention
 
 # transformers takes the varlen branch (cu_seqlens passed, no split per window) only for implementations whose name
 # contains "flash" (`is_flash_attention_requested`), so the name carries the word though no flash-attn kernel runs.

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AttentionInterface
 
 from hybridize.compat import DynamicSlidingWindowLayer
-from hybridize.inference.flash import flash_attention
+from hybridize.mixers.ops.flash import flash_attention
 
 WINDOW_ATTENTION = "hybridize_window_attention"
 

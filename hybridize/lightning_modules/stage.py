@@ -30,11 +30,12 @@ from hybridize.converters.checkpoint import (
     read_plan,
     save_hybrid,
 )
-from hybridize.converters.discovery import find_decoder_layout
+from hybridize.converters.discovery import find_decoder_layout, use_attention_implementation
 from hybridize.converters.hybrid_model import PLAN_KEY
 from hybridize.converters.plan import LayerPlan, plan_layers, read_plan_file
 from hybridize.lightning_modules.packing import packed_position_ids
 from hybridize.mixers.base import TokenMixer
+from hybridize.mixers.flash_window import FLASH_WINDOW
 
 STAGES_KEY = "stages"  # in the config's `hybridize` section: the stages run on this checkpoint, in order
 CONVERTED = "convert"  # `previous_stage` of a stage that starts from a freshly converted hybrid
@@ -192,6 +193,7 @@ class HybridStage(L.LightningModule):
         min_learning_rate_ratio: float = 0.1,
         dtype: str | None = None,
         gradient_checkpointing: bool = False,
+        flash_window: bool = True,
         export_dir: str | None = None,
         overwrite_export: bool = False,
         processor: Any = None,
@@ -209,6 +211,9 @@ class HybridStage(L.LightningModule):
             learning_rate, weight_decay, warmup_ratio, schedule, min_learning_rate_ratio: AdamW (no decay on
                 biases and norms) with linear warm-up, then cosine (or constant) decay.
             dtype: dtype of the frozen weights (trainable ones stay fp32); pair bf16 with precision bf16-mixed.
+            flash_window: softmax layers (kept, sliding-window, the teacher's) attend through PyTorch's flash kernel
+                with their window, packed and padded rows as varlen boundaries, instead of dense masks (on CUDA
+                in bf16/fp16; elsewhere the same attention through SDPA). False keeps the checkpoint's own.
             export_dir: where the trained hybrid is written at the end of fit (refused up front if not empty,
                 unless overwrite_export).
         """
@@ -270,6 +275,8 @@ class HybridStage(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.strict_loading = False  # checkpoints hold only the trainable parameters
         self.prepare_model()
+        if flash_window:
+            use_attention_implementation(self.hybrid, FLASH_WINDOW)
         self.parameter_counts = select_trainable(self.hybrid, self.trainable)
         for parameter in self.hybrid.parameters():
             if parameter.requires_grad and parameter.dtype in (torch.float16, torch.bfloat16):

@@ -15,6 +15,7 @@ from torch import nn
 
 from hybridize.compat import DynamicSlidingWindowLayer, cache_argument, configured_attention
 from hybridize.mixers.base import AttentionSpec, MixerConfig, TokenMixer
+from hybridize.mixers.flash_window import FLASH_WINDOW
 from hybridize.mixers.masks import key_padding_mask
 from hybridize.mixers.registry import register_mixer
 
@@ -53,6 +54,8 @@ class SlidingWindowMixer(TokenMixer):
         super().__init__(config, spec, layer_idx, attention)
         self.attention = attention
         self.window = config.window
+        if hasattr(attention, "sliding_window"):  # Qwen2-family modules hand it to flash implementations
+            attention.sliding_window = config.window
 
     @classmethod
     def configure_natively(cls, text_config, layer_idx: int, config: SlidingWindowConfig) -> bool:
@@ -100,6 +103,11 @@ class SlidingWindowMixer(TokenMixer):
             # A static cache's decode step (hybridize.inference.static_cache): its ring buffer of `window` slots
             # says which hold real tokens with device tensors alone, so that the step can be a CUDA graph.
             mask = decode_mask
+        elif slot is None and configured_attention(self.attention.config) == FLASH_WINDOW:
+            # The flash-window implementation applies the window itself to the model's key-padding mask.
+            mask = attention_mask
+            if not hasattr(self.attention, "sliding_window"):  # modules that have it pass it on themselves
+                kwargs = {**kwargs, "sliding_window": self.window}
         else:
             mask = self._prefill_mask(hidden_states, attention_mask, slot)
         out, _ = self.attention(
@@ -169,6 +177,6 @@ class SlidingWindowMixer(TokenMixer):
                 ~allowed, torch.finfo(like.dtype).min
             )
         raise NotImplementedError(
-            f"The sliding_window mixer builds its own mask for 'sdpa' and 'eager' attention, not "
-            f"{implementation!r}; load the model with attn_implementation='sdpa'."
+            f"The sliding_window mixer builds its own mask for 'sdpa' and 'eager' attention (and, without a cache, "
+            f"{FLASH_WINDOW!r}), not {implementation!r}; load the model with attn_implementation='sdpa'."
         )

@@ -9,7 +9,6 @@ from torch import nn
 from transformers import AttentionInterface
 
 from hybridize.compat import configured_attention
-from hybridize.inference.flash import flash_kernel_usable
 from hybridize.inference.vision_attention import (
     PACKED_ATTENTION,
     BlockDiagonalMasks,
@@ -17,6 +16,7 @@ from hybridize.inference.vision_attention import (
     packed_attention_on,
     packed_sdpa_attention,
 )
+from hybridize.mixers.ops.flash import flash_kernel_usable
 from tests.conftest import relative_rms
 
 BOUNDARIES = [0, 5, 12, 13, 24]  # unequal segments, one of a single position

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridize.inference.flash import flash_kernel_usable
 from hybridize.inference.window_attention import FixedWindowLayer, WindowKeys, window_attention
+from hybridize.mixers.ops.flash import flash_kernel_usable
 from tests.conftest import relative_rms
 
 pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers

@@ -1,9 +1,10 @@
 """PyTorch's own flash attention kernel, called directly where SDPA cannot express the call.
 
 SDPA reaches the kernel only without a mask. `aten._flash_attention_forward` (the op behind SDPA's flash backend,
-present in every CUDA build of PyTorch) also takes a sliding window and packed (varlen) sequences, which the
-stream's sliding-window layers and the ViT's windowed attention need; without it they run SDPA under dense
-boolean masks, which cuDNN and the efficient kernel compute in full.
+present in every CUDA build of PyTorch) also takes a sliding window and packed (varlen) sequences, which
+sliding-window layers, packed training rows and the ViT's windowed attention need; without it they run SDPA under
+dense boolean masks, which cuDNN and the efficient kernel compute in full. The op is differentiable: autograd runs
+`aten._flash_attention_backward` with the same window and boundaries, so training uses it too.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def flash_attention(
     cu_seqlens_k: torch.Tensor | None = None,
     max_q: int | None = None,
     max_k: int | None = None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
-    """PyTorch's flash attention forward (inference). Batched: query (B, Lq, Hq, D), key/value (B, Lk, Hkv, D)
+    """PyTorch's flash attention (differentiable). Batched: query (B, Lq, Hq, D), key/value (B, Lk, Hkv, D)
     with Hkv dividing Hq; varlen: (total, H, D) with int32 boundaries `cu_seqlens_*` and the longest sequences
     `max_q` / `max_k`. Masks are aligned to each sequence's last key (a query sees the keys up to its own
     position counted from the end, and `window_left` more before it). Only the last dim needs to be contiguous.
@@ -55,7 +57,7 @@ def flash_attention(
         cu_seqlens_k,
         max_q,
         max_k,
-        0.0,
+        dropout,
         causal,
         False,
         scale=scale,

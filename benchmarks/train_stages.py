@@ -204,8 +204,9 @@ class StepTimer(L.Callback):
     """Wall time of every training step (forward, backward, optimizer step; CUDA synchronised around it) and
     its loss averaged over all processes (the global batch's loss when every process has as many tokens)."""
 
-    def __init__(self, name: str = ""):
+    def __init__(self, name: str = "", profile_step: int | None = None):
         self.name, self.seconds, self.losses = name, [], []
+        self.profile_step, self.profiler, self.profile = profile_step, None, None
 
     @staticmethod
     def synchronize(trainer) -> None:
@@ -214,11 +215,17 @@ class StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.synchronize(trainer)
+        if batch_idx == self.profile_step:
+            self.profiler = torch.profiler.profile()
+            self.profiler.__enter__()
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.synchronize(trainer)
         self.seconds.append(time.perf_counter() - self.start)
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.profile, self.profiler = top_operators(self.profiler), None
         # a copy: the all-reduce works in place
         loss = trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="mean")
         self.losses.append(loss.item())
@@ -227,6 +234,22 @@ class StepTimer(L.Callback):
                 f"  {self.name} step {len(self.losses)}: {self.seconds[-1]:.3f} s, loss {self.losses[-1]:.6g}",
                 flush=True,
             )
+
+
+def top_operators(profiler, count: int = 25) -> list[dict]:
+    """The `count` operators of a profiled step that took the most device time of their own (CPU time where
+    nothing ran on a device): name, calls and milliseconds, for finding where a step's time goes."""
+    events = profiler.key_averages()
+    device = any(event.self_device_time_total for event in events)
+
+    def own_us(event) -> float:
+        return event.self_device_time_total if device else event.self_cpu_time_total
+
+    ranked = sorted(events, key=own_us, reverse=True)[:count]
+    return [
+        {"operator": event.key[:120], "calls": event.count, "self_ms": round(own_us(event) / 1e3, 3)}
+        for event in ranked
+    ]
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:
@@ -470,18 +493,23 @@ def run_variant(
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
         model_gib = torch.cuda.memory_allocated(device) / 2**30
-    steps, limit, samples = args.warmup + args.steps, token_limit(config), variant.packed_samples
+    # With --profile, one more step after the timed ones is profiled (the profiler slows it).
+    steps, limit, samples = (
+        args.warmup + args.steps + args.profile,
+        token_limit(config),
+        variant.packed_samples,
+    )
     if samples > 1:
         batches = packed_token_batches(steps, samples, length, limit, args.seed)
     else:
         batches = random_token_batches(steps, 1, length, limit, args.seed)
-    timer = StepTimer(label)
+    timer = StepTimer(label, profile_step=steps - 1 if args.profile else None)
     teacher_seconds = time_teacher_forward(module, device) if variant.stage == "1b" else None
     trainer = quiet_trainer(
         accelerator=device.type, devices=1, precision=args.precision, max_steps=steps, callbacks=[timer]
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    timed = timer.seconds[args.warmup :]
+    timed = timer.seconds[args.warmup : args.warmup + args.steps]
     median = statistics.median(timed)
     segments = [length // samples] * samples
     flops = step_flops(
@@ -503,6 +531,8 @@ def run_variant(
         "loss_last": timer.losses[-1],
         "wall_s": round(time.perf_counter() - start, 2),
     }
+    if timer.profile is not None:
+        result["profile"] = timer.profile
     if teacher_seconds is not None:
         result["teacher_forward_s"] = round(statistics.median(teacher_seconds[args.warmup :]), 4)
     if cuda:
@@ -694,6 +724,11 @@ def main() -> None:
         "--precision", default=None, help="Lightning precision (default: bf16-mixed on cuda, 32-true on cpu)"
     )
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="the MFU's peak")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the last step of each run: its 25 costliest operators go into the JSON (slows that step)",
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

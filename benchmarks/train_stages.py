@@ -36,7 +36,8 @@ attended query-key pair: causal, within the window, within each packed sample):
     stage 1a: the teacher's forward + 6 P_mixers T (each mixer's forward and backward on the teacher's input)
 Checkpointing's recomputation is not counted, nor the linear mixers' state arithmetic (< 2% of a layer).
 
-    python benchmarks/train_stages.py                                           # H100: ~7 minutes (estimate)
+    python benchmarks/train_stages.py --lengths 8192    # H100: 194 s for every variant (after fla's autotune)
+    python benchmarks/train_stages.py                   # every length: longer than one 10-minute device call
     python benchmarks/train_stages.py --config tiny --device cpu --steps 1 --warmup 1   # CPU smoke run
 """
 

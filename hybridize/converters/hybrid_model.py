@@ -73,6 +73,7 @@ def hybrid_config_class(base_config_class: type[PreTrainedConfig]) -> type[PreTr
         f"Hybrid{base_config_class.__name__}", (base_config_class,), {"model_type": model_type}
     )
     config_class.__module__ = __name__
+    globals()[config_class.__name__] = config_class  # found by name, as pickle looks classes up
     AutoConfig.register(model_type, config_class, exist_ok=True)
     return config_class
 
@@ -104,11 +105,23 @@ def hybrid_model_class(base_model_class: type[nn.Module]) -> type[nn.Module]:
             "__module__": __name__,
         },
     )
+    globals()[name] = model_class
     copy_checkpoint_conversion(base_model_class, name)
     for auto_class in AUTO_CLASSES:
         if auto_model_class(auto_class, base_model_class.config_class) is base_model_class:
             auto_class.register(config_class, model_class, exist_ok=True)
     return model_class
+
+
+def __getattr__(name: str):
+    """`Hybrid<transformers class>` made on first lookup: a process that unpickles a hybrid (a spawned training
+    worker) finds its class here by name before anything in it has converted a model."""
+    base = getattr(transformers, name.removeprefix("Hybrid"), None) if name.startswith("Hybrid") else None
+    if isinstance(base, type) and issubclass(base, PreTrainedConfig):
+        return hybrid_config_class(base)
+    if isinstance(base, type) and issubclass(base, nn.Module) and hasattr(base, "config_class"):
+        return hybrid_model_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register_hybrid_family(base_model_type: str):

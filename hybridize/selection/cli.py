@@ -49,6 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="samples per batch")
     parser.add_argument("--seed", type=int, default=0, help="data order and mixer initialisation")
     parser.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="train on this many devices (DDP, spawned processes; scoring stays in the main process)",
+    )
+    parser.add_argument(
         "--out", required=True, help="new folder for plan.yaml, scores.json, scores.png; rerun to resume"
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
@@ -111,8 +117,17 @@ def run(args: argparse.Namespace) -> None:
         learning_rate=args.learning_rate,
         greedy=args.greedy,
         seed=args.seed,
+        devices=args.devices,
         source={"base": args.base, "data": list(args.data), "max_length": args.max_length, "dtype": dtype},
     )
+    if device is not None and device.startswith("cuda"):
+        import torch
+
+        if settings.devices > torch.cuda.device_count():
+            raise ValueError(
+                f"--devices {settings.devices}: this machine has {torch.cuda.device_count()} CUDA devices; "
+                "give at most that many."
+            )
     check_out_dir(Path(args.out), settings)
     held_out, training = hold_out(data_module(args).train_dataloader(), settings)
 

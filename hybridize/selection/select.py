@@ -74,6 +74,7 @@ class SelectionSettings:
     learning_rate: float = 1e-3
     greedy: bool = False
     seed: int = 0
+    devices: int = 1  # processes the training steps run on (DDP, one device each, spawned)
     source: dict[str, Any] = field(default_factory=dict)  # base model and data, as given
 
     def __post_init__(self) -> None:
@@ -90,6 +91,8 @@ class SelectionSettings:
             )
         if self.window <= 0:
             raise ValueError(f"window must be a positive number of tokens, got {self.window}.")
+        if not isinstance(self.devices, int) or self.devices < 1:
+            raise ValueError(f"devices must be a whole number >= 1, got {self.devices!r}.")
 
 
 def check_data_length(batches: list[Mapping], window: int) -> None:
@@ -184,8 +187,10 @@ class SelectionRun:
         self.record["tokens"] += sum(token_count(batch) for batch in self.eval_batches)
 
     def count_train_tokens(self, steps: int) -> None:
-        pool = self.train_batches
-        self.record["tokens"] += sum(token_count(pool[step % len(pool)]) for step in range(steps))
+        pool = self.train_batches  # every process takes its own batch per step
+        self.record["tokens"] += sum(
+            token_count(pool[step % len(pool)]) for step in range(steps * self.settings.devices)
+        )
 
     def save(self) -> None:
         now = time.perf_counter()
@@ -219,10 +224,14 @@ class SelectionRun:
 
     # --- the recipe's steps -------------------------------------------------------------------------------
     def trainer(self, steps: int) -> L.Trainer:
+        """A Trainer for `steps` steps at the run's precision. On several devices its workers are spawned: only the
+        training runs in them, and the trained weights come back to this process, where the scoring goes on."""
+        devices = self.settings.devices
         return L.Trainer(
             max_steps=steps,
             accelerator="gpu" if self.device.type == "cuda" else "cpu",
-            devices=1,
+            devices=devices,
+            strategy="ddp_spawn" if devices > 1 else "auto",
             precision=self.precision,
             logger=False,
             enable_checkpointing=False,
@@ -232,8 +241,10 @@ class SelectionRun:
         )
 
     def train_loader(self, steps: int) -> DataLoader:
+        """`steps` batches for every process (Lightning's distributed sampler deals them out)."""
         pool = self.train_batches
-        return DataLoader([pool[step % len(pool)] for step in range(steps)], batch_size=None)
+        batches = [pool[step % len(pool)] for step in range(steps * self.settings.devices)]
+        return DataLoader(batches, batch_size=None)
 
     def stage_arguments(self) -> dict[str, Any]:
         return dict(

@@ -17,8 +17,10 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from hybridize import cli
 from hybridize.compat import attention_implementation
 from hybridize.converters import read_plan
+from hybridize.converters.discovery import find_decoder_layout
 from hybridize.selection import SelectionSettings, get_method, select_layers
 from hybridize.selection.methods import NllMethod
+from hybridize.selection.select import SelectionRun
 from hybridize.testing.synthetic import write_synthetic_chat_data
 
 RECALL = Path(__file__).resolve().parents[2] / "examples" / "recall"
@@ -67,6 +69,10 @@ def previous_token_attention(model: LlamaForCausalLM, layer_idx: int, length: in
 
 @pytest.fixture(scope="module")
 def recall_teacher():
+    return constructed_teacher()
+
+
+def constructed_teacher():
     """A constructed teacher: the shipped MQAR teacher with its binding layer (0) made to see only the previous
     token, by position alone; its lookup layer (1) is the only one that can look back. It still answers most
     queries (the binding it learned was mostly that)."""
@@ -119,6 +125,27 @@ def test_every_method_but_uniform_ranks_the_lookup_layer_first(recall_teacher, m
     assert result.softmax_layers == [LOOKUP_LAYER], result.scores
     assert result.scores[LOOKUP_LAYER] > result.scores[0]
     assert result.tokens > 0
+
+
+def test_two_processes_train_and_rank_like_one():
+    """devices=2: the alignment runs in two spawned DDP processes (gloo on CPU), each on its own batches, and its
+    weights come back to this process, which ranks the lookup layer first as one process does."""
+    # Its own teacher: one that ran with output_attentions carries transformers' capture hooks, which do not pickle.
+    teacher, batches = constructed_teacher()
+    settings = SelectionSettings(
+        method="mse", budget=1, window=64, eval_batches=2, learning_rate=3e-3, align_steps=40, devices=2
+    )
+    run = SelectionRun(teacher, batches, settings, progress=False)
+    untrained = run.hybrid([], aligned=False)
+    aligned = run.aligned_mixers()
+    changed = [
+        name
+        for name, value in find_decoder_layout(untrained).attention(0).state_dict().items()
+        if not torch.allclose(value.float(), aligned[0][name])
+    ]
+    assert changed, "the spawned alignment's weights did not come back"
+    result = select_layers(teacher, batches, settings, progress=False)
+    assert result.softmax_layers == [LOOKUP_LAYER], result.scores
 
 
 def test_uniform_is_the_recipes_interleave(recall_teacher):
@@ -227,6 +254,7 @@ def test_the_plan_flows_through_convert_and_a_training_stage(chat_data, tmp_path
         (["--budget", "2", "--method", "magic"], "method 'magic' is not one of"),
         (["--budget", "2", "--window", "4096"], "too short for the window"),
         (["--budget", "2", "--method", "nll", "--greedy"], "no greedy re-scoring"),
+        (["--budget", "2", "--devices", "0"], "devices must be a whole number >= 1"),
     ],
 )
 def test_bad_input_is_one_line_before_loading(chat_data, tmp_path, monkeypatch, capsys, extra, message):

@@ -15,7 +15,8 @@ bf16 and trainable ones as fp32 master weights (AdamW), gradient checkpointing a
   restarting per sample, `cu_seq_lens`) against `stage3_lora` on one sample of the same length;
   `stage3_lora_packed8_dense_masks`: the same rows with the softmax layers under SDPA and transformers' dense
   block-diagonal window masks instead of the flash-window kernel the stages use (`hybridize.mixers.flash_window`).
-The stock model runs SDPA attention (causal, no mask: its FlashAttention kernel); the hybrid's softmax layers
+Stages 2 and 3 and the stock variants take the stages' next-token loss (`next_token_loss`: the output head and
+the cross-entropy in 4K-token chunks). The stock model runs SDPA attention (causal, no mask: its FlashAttention kernel); the hybrid's softmax layers
 (the SWA layers, stage 1's teacher attention) run PyTorch's flash kernel with their window, varlen for packed rows. A variant without
 checkpointing that runs out of memory runs again with it (not stage 1a: its forward runs without gradients,
 so checkpointing changes nothing there); one that still does is recorded as "oom" and the run goes on.
@@ -74,8 +75,8 @@ from hybridize.lightning_modules import (
     select_trainable,
 )
 from hybridize.lightning_modules.data.collation import collate
-from hybridize.lightning_modules.losses import token_cross_entropy
 from hybridize.lightning_modules.sft import lora_target_modules
+from hybridize.lightning_modules.stage import next_token_loss
 from hybridize.mixers.ops.backends import fla_available
 from hybridize.presets import qwen2_5_vl_3b_config, tiny_qwen2_5_vl_config
 
@@ -193,8 +194,7 @@ class StockTraining(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         inputs = {key: value for key, value in batch.items() if key != "labels"}
-        logits = self.model(**inputs, use_cache=False).logits
-        return token_cross_entropy(logits, batch["labels"])
+        return next_token_loss(self.model, inputs, batch["labels"], self.trainer.strategy)  # the stages' loss
 
     def configure_optimizers(self):
         trainable = [p for p in self.model.parameters() if p.requires_grad]

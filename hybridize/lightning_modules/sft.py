@@ -10,7 +10,6 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from hybridize.converters.discovery import find_decoder_layout
-from hybridize.lightning_modules.losses import token_cross_entropy
 from hybridize.lightning_modules.stage import HybridStage
 
 
@@ -25,8 +24,7 @@ class SupervisedFineTuning(HybridStage):
     default_trainable = ("mixers", r"\.self_attn\.o_proj\.", r"\.mlp\.")
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        logits = self.hybrid(**self.model_inputs(batch), use_cache=False).logits
-        ce = token_cross_entropy(logits, batch["labels"])
+        ce = self.next_token_loss(batch)
         return {"loss": ce, "ce": ce}
 
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import nn
 
 from hybridize.converters.checkpoint import (
@@ -33,6 +34,7 @@ from hybridize.converters.checkpoint import (
 from hybridize.converters.discovery import find_decoder_layout, use_attention_implementation
 from hybridize.converters.hybrid_model import PLAN_KEY
 from hybridize.converters.plan import LayerPlan, plan_layers, read_plan_file
+from hybridize.lightning_modules.losses import head_cross_entropy, token_cross_entropy
 from hybridize.lightning_modules.packing import packed_position_ids
 from hybridize.mixers.base import TokenMixer
 from hybridize.mixers.flash_window import FLASH_WINDOW
@@ -40,6 +42,8 @@ from hybridize.mixers.flash_window import FLASH_WINDOW
 STAGES_KEY = "stages"  # in the config's `hybridize` section: the stages run on this checkpoint, in order
 CONVERTED = "convert"  # `previous_stage` of a stage that starts from a freshly converted hybrid
 SCHEDULES = ("cosine", "constant")
+# Config fields with which a family changes its logits after the output head (Gemma 2, Cohere, Granite).
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 # Named sets of parameters for `trainable` (anything else is a regular expression over parameter names).
 TRAINABLE_PRESETS = {
@@ -171,6 +175,32 @@ def check_plan(actual: LayerPlan, expected: dict[str, Any] | str | None, source:
         )
 
 
+def head_is_last(model: nn.Module) -> bool:
+    """Whether a model's logits are its output head applied to its inner model's last hidden states, nothing
+    after (no soft-capping or scaling of the logits), so that the head can run outside its forward."""
+    inner = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    text_config = model.config.get_text_config()
+    return (
+        isinstance(inner, nn.Module)
+        and inner is not model
+        and isinstance(model.get_output_embeddings(), nn.Linear)
+        and all(getattr(text_config, key, None) in (None, 1, 1.0) for key in LOGIT_TRANSFORMS)
+    )
+
+
+def next_token_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, strategy=None) -> torch.Tensor:
+    """Cross-entropy of `labels` for a model (a peft wrapper too) on `inputs`. Where the logits are the output
+    head's, as they are (`head_is_last`), the head and the loss run in chunks over the model's last hidden
+    states (`head_cross_entropy`: no (T, vocab) logits are held); else, and under sharding strategies (whose head
+    weights exist only inside the model's own forward), over the model's logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    unsharded = strategy is None or isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
+    if unsharded and head_is_last(base):
+        hidden_states = getattr(base, base.base_model_prefix)(**inputs, use_cache=False).last_hidden_state
+        return head_cross_entropy(hidden_states, base.get_output_embeddings(), labels)
+    return token_cross_entropy(model(**inputs, use_cache=False).logits, labels)
+
+
 class HybridStage(L.LightningModule):
     """Base of the training stages. Subclasses set `stage`, `default_previous_stage`, `default_trainable` and
     implement `losses(batch) -> {"loss": ..., other logged values}`."""
@@ -298,6 +328,11 @@ class HybridStage(L.LightningModule):
         yield self.hybrid
 
     # --- the loop -------------------------------------------------------------------------------------
+    def next_token_loss(self, batch: dict) -> torch.Tensor:
+        """Cross-entropy of the batch's labels (`next_token_loss`)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return next_token_loss(self.hybrid, self.model_inputs(batch), batch["labels"], strategy)
+
     def model_inputs(self, batch: dict) -> dict:
         inputs = {key: value for key, value in batch.items() if key != "labels"}
         if "cu_seq_lens_q" in inputs:

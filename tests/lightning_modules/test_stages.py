@@ -21,6 +21,7 @@ from hybridize.lightning_modules import (
     distillation_mode,
     token_cross_entropy,
 )
+from hybridize.lightning_modules.stage import head_is_last
 from hybridize.mixers import TokenMixer
 from hybridize.presets import tiny_model
 from tests.lightning_modules.conftest import (
@@ -173,6 +174,30 @@ def test_chunked_cross_entropy_has_the_values_and_gradients_of_the_plain_formula
     (grad_plain,) = torch.autograd.grad(plain, logits)
     torch.testing.assert_close(chunked, plain, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(grad_chunked, grad_plain, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("stage", [SupervisedFineTuning, LongSequenceSFT])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2_5_vl"])
+def test_the_head_in_chunks_gives_the_logits_loss_and_gradients(stage, model_type):
+    """SFT's loss through the output head in chunks over the last hidden states (no (T, vocab) logits held) is
+    the cross-entropy of the model's logits, in value and in every trainable parameter's gradient (fp64), also
+    through peft's wrapper; a model that changes its logits after the head keeps the logits path."""
+    hybrid, _, _ = converted(model_type, seed=5)
+    options = {"lora_dropout": 0.0} if stage is LongSequenceSFT else {}
+    module = stage(hybrid.double(), previous_stage=None, **options)
+    batch = batches(1, seed=5, labels_from=6)[0]
+    parameters = [p for p in module.hybrid.parameters() if p.requires_grad]
+    assert head_is_last(module.hybrid.get_base_model() if stage is LongSequenceSFT else module.hybrid)
+    chunked = module.next_token_loss(batch)
+    grads = torch.autograd.grad(chunked, parameters)
+    logits = module.hybrid(**module.model_inputs(batch), use_cache=False).logits
+    expected = token_cross_entropy(logits, batch["labels"])
+    expected_grads = torch.autograd.grad(expected, parameters)
+    torch.testing.assert_close(chunked, expected, rtol=1e-10, atol=1e-12)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-12)
+    module.hybrid.config.get_text_config().final_logit_softcapping = 30.0
+    assert not head_is_last(module.hybrid.get_base_model() if stage is LongSequenceSFT else module.hybrid)
 
 
 def test_kl_is_zero_for_identical_logits_and_masks_tokens():

@@ -415,13 +415,13 @@ def run_model(args, report: dict, hybrid: bool, device: torch.device, dtype: tor
     decoder, decoders = None, {}
     if hybrid:
         cache = StaticHybridCache.for_model(model, 1, max_length=1)
-        decoder = StaticDecoder(model, cache, cuda_graph=device.type == "cuda")
+        decoder = StaticDecoder(model, cache, cuda_graph=device.type == "cuda", fuse=True)
         decoder.prefill(random_ids(model, 16, device))  # allocates the mixer states
         # one cache for both static variants: each decoder's graph is captured over its buffers
         decoders = {"hybrid_static_graph": decoder}
         if "hybrid_static_graph_compiled" in args.variants:
             decoders["hybrid_static_graph_compiled"] = StaticDecoder(
-                model, cache, cuda_graph=device.type == "cuda", compile=True
+                model, cache, cuda_graph=device.type == "cuda", compile=True, fuse=True
             )
 
     for context in args.prefill_contexts:

@@ -267,6 +267,7 @@ def new_session(
         frame_size=args.frame_size,
         cuda_graphs=device.type == "cuda" and not args.no_cuda_graphs,
         allow_growing_cache=not hybrid,
+        fuse=True,
         compile=args.compile if compile is None else compile,
     )
 

@@ -435,6 +435,7 @@ def run_generate(args: argparse.Namespace) -> None:
         images,
         max_new_tokens=args.max_new_tokens,
         static_decode=args.static_decode,
+        fuse=args.static_decode,  # the model is ours for this one command
         streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
     )
 
@@ -523,6 +524,7 @@ def stream_video(args: argparse.Namespace, duration: float, schedule: list[tuple
         frame_size=args.frame_size,
         system_prompt=args.system_prompt,
         cuda_graphs=False if args.no_cuda_graphs else None,
+        fuse=True,  # the model is ours for this one command
         compile=args.compile,
     )
     pending = list(schedule)

@@ -147,6 +147,15 @@ def set_attention_implementation(config, name: str) -> None:
     config._attn_implementation = name
 
 
+def uncompile_module(module: torch.nn.Module) -> bool:
+    """Undo `module.compile()` (nn.Module keeps the compiled callable in a private field; there is no public
+    inverse). Returns whether the module was compiled."""
+    if getattr(module, "_compiled_call_impl", None) is None:
+        return False
+    module._compiled_call_impl = None
+    return True
+
+
 def register_unpadded_attention(name: str, function) -> None:
     """Register an attention function under `name` whose masks are built as for flash-attention: None, or the 2-D
     key-padding mask (which the linear mixers read as well); packed rows reach it as `cu_seq_lens_q/k` kwargs."""

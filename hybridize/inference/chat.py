@@ -47,11 +47,12 @@ def generate_reply(
     max_new_tokens: int = 32,
     do_sample: bool = False,
     static_decode: bool = False,
+    fuse: bool = False,
     streamer=None,
 ) -> str:
     """Generate the model's answer to one prompt (greedy by default) and decode it. `static_decode`: over a
     static hybrid cache with the decode step captured in a CUDA graph on CUDA (`inference.decode.generate_fast`),
-    the same tokens as generate(). `streamer`: a transformers streamer (e.g. `TextStreamer`) that gets the new
+    the same tokens as generate(); `fuse`: with its projections fused (`StaticDecoder`). `streamer`: a transformers streamer (e.g. `TextStreamer`) that gets the new
     tokens as they come."""
     inputs = chat_inputs(processor, [prompt], [images or []])
     inputs = {key: value.to(model.device) for key, value in inputs.items()}
@@ -59,7 +60,7 @@ def generate_reply(
         from hybridize.inference.decode import generate_fast
 
         output = generate_fast(
-            model, **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, streamer=streamer
+            model, **inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, fuse=fuse, streamer=streamer
         )
     else:
         output = model.generate(

@@ -138,7 +138,8 @@ class StaticDecoder:
     compile: run the decode step's forward through `torch.compile` before the capture (fuses the small
     elementwise kernels between the matrix products; the first step compiles, ~30 s for Qwen2.5-VL-3B).
     fuse: `hybridize.inference.fusion.fuse_projections(model)` first (sibling projections as one matrix product
-    under no_grad; the parameters become views of the fused weights, the model computes the same).
+    under no_grad; the caller's parameters become views of the fused weights, the model computes the same;
+    `unfuse_projections(model)` undoes it). Off unless asked for.
     Every row decodes at each step, free rows too (their logits mean nothing): `cache.free_rows` lists them.
     """
 
@@ -149,7 +150,7 @@ class StaticDecoder:
         *,
         cuda_graph: bool | None = None,
         compile: bool = False,
-        fuse: bool = True,
+        fuse: bool = False,
     ):
         layout = find_decoder_layout(model)
         self.text_config = layout.decoder.config
@@ -398,6 +399,7 @@ def static_generate(
     decoder: StaticDecoder | None = None,
     cuda_graph: bool | None = None,
     compile: bool = False,
+    fuse: bool = False,
     prefill_chunk_size: int | None = None,
     sync_every: int = 16,
     token_streamer=None,
@@ -408,8 +410,8 @@ def static_generate(
 
     decoder: a `StaticDecoder` to reuse (its captured graph and buffers; its batch size must match; its cache is
     reset: to continue from a filled cache, call `decoder.step` yourself), else one
-    is built for this call (cache max_length = prompt + max_new_tokens) with `cuda_graph` and `compile` (see
-    `StaticDecoder`). sync_every: steps between host checks
+    is built for this call (cache max_length = prompt + max_new_tokens) with `cuda_graph`, `compile` and `fuse`
+    (see `StaticDecoder`). sync_every: steps between host checks
     for every sequence having finished (each check waits for the GPU); steps run past that point are cut from
     the output, which is what generate() returns. token_streamer: a transformers streamer (`TextStreamer`) fed
     the prompt and then each new token (generate() keeps its own `streamer` argument from custom loops).
@@ -432,7 +434,7 @@ def static_generate(
             cache = user_cache
         else:
             cache = StaticHybridCache.for_model(model, batch, generation_config.max_length)
-        decoder = StaticDecoder(model, cache, cuda_graph=cuda_graph, compile=compile)
+        decoder = StaticDecoder(model, cache, cuda_graph=cuda_graph, compile=compile, fuse=fuse)
     decoder._check_batch(batch)
     decoder.cache.reset()
     decoder.cache.check_room(prompt_length + max(new_tokens - 1, 0))
@@ -487,6 +489,7 @@ def generate_fast(
     decoder: StaticDecoder | None = None,
     cuda_graph: bool | None = None,
     compile: bool = False,
+    fuse: bool = False,
     prefill_chunk_size: int | None = None,
     sync_every: int = 16,
     streamer=None,
@@ -503,6 +506,7 @@ def generate_fast(
         decoder=decoder,
         cuda_graph=cuda_graph,
         compile=compile,
+        fuse=fuse,
         prefill_chunk_size=prefill_chunk_size,
         sync_every=sync_every,
         token_streamer=streamer,

@@ -16,6 +16,11 @@ With autograd on, every layer runs as before (gradients reach the parameters, no
 tensor shares the parameters' storage, so in-place updates (an optimiser step, `load_state_dict`) reach it; moving
 or casting the model afterwards (`.to()`) gives the parameters storage of their own: the layers then run apart
 again (eager), and `fuse_projections` fuses them anew.
+
+Fusion is a step the caller asks for (`StaticDecoder(fuse=True)`, `StreamingSession(fuse=True)`, the CLI's
+generate and stream, or `fuse_projections` itself) and `unfuse_projections(model)` undoes it: every parameter gets
+storage of its own again and the mixers' hook and the MLPs' forwards are the originals. `restore_model(model)`
+also undoes the torch.compile of modules compiled in place (a streaming session's `compile=True` vision blocks).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hybridize.compat import uncompile_module
 from hybridize.mixers.base import TokenMixer
 
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -48,6 +54,17 @@ class _WeightViews:
         traceable, and the caller that compiled just fused (see `StaticDecoder`)."""
         return torch.compiler.is_compiling() or self._pointers() == self.pointers
 
+    @torch.no_grad()
+    def release(self) -> None:
+        """Give the layers' parameters storage of their own again (the same Parameter objects, so optimisers and
+        references keep working); the owned tensor is then nobody's."""
+        if self._pointers() != self.pointers:
+            return  # moved or cast since: they have their own already
+        for linear in self.linears:
+            for parameter in (linear.weight, linear.bias):
+                if parameter is not None:
+                    parameter.data = parameter.data.clone()
+
 
 class FusedLinear(_WeightViews):
     """nn.Linear layers with one input, computed by one matrix product; each layer's weight (and bias) becomes a
@@ -68,16 +85,16 @@ class FusedLinear(_WeightViews):
                 "Fused linear layers need one input size, dtype and device, and biases on all or none."
             )
         self.sizes = [linear.out_features for linear in linears]
-        self.weight = self._share([linear.weight for linear in linears], linears, "weight")
+        self.weight = self._share([linear.weight for linear in linears])
         self.bias = None
         if linears[0].bias is not None:
-            self.bias = self._share([linear.bias for linear in linears], linears, "bias")
+            self.bias = self._share([linear.bias for linear in linears])
         self._remember(linears)
 
-    def _share(self, parameters: list[nn.Parameter], linears: Sequence[nn.Linear], name: str) -> torch.Tensor:
+    def _share(self, parameters: list[nn.Parameter]) -> torch.Tensor:
         fused = torch.cat([parameter.detach() for parameter in parameters])
-        for linear, parameter, rows in zip(linears, parameters, fused.split(self.sizes), strict=True):
-            setattr(linear, name, nn.Parameter(rows, requires_grad=parameter.requires_grad))
+        for parameter, rows in zip(parameters, fused.split(self.sizes), strict=True):
+            parameter.data = rows  # the same Parameter object (optimisers keep it), now a view of its rows
         return fused
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -95,9 +112,7 @@ class AlignedLinear(_WeightViews):
         weight = linear.weight.detach()
         self.weight = weight.new_zeros(weight.shape[0], weight.shape[1] + self.pad)
         self.weight[:, : weight.shape[1]] = weight
-        linear.weight = nn.Parameter(
-            self.weight[:, : weight.shape[1]], requires_grad=linear.weight.requires_grad
-        )
+        linear.weight.data = self.weight[:, : weight.shape[1]]  # the same Parameter object, a view now
         self._remember([linear])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,11 +161,38 @@ def fuse_projections(model: nn.Module) -> dict[str, int]:
     counts = {"mixers": 0, "mlps": 0}
     for module in model.modules():
         if isinstance(module, TokenMixer) and module.input_projections:
-            fused = vars(module).get("fused_input_projection")
+            fused = module.fused_input_projection
             if fused is None or not fused.current():
                 linears = [module.get_submodule(name) for name in module.input_projections]
                 module.fused_input_projection = FusedLinear(linears)
                 counts["mixers"] += 1
         elif all(hasattr(module, name) for name in MLP_PARTS):
             counts["mlps"] += _fuse_mlp(module)
+    return counts
+
+
+@torch.no_grad()
+def unfuse_projections(model: nn.Module) -> dict[str, int]:
+    """Undo `fuse_projections` (in place; idempotent): every fused parameter gets storage of its own, the mixers'
+    `fused_input_projection` hook is cleared and the MLPs run their class's forward. Returns how many of each."""
+    counts = {"mixers": 0, "mlps": 0}
+    for module in model.modules():
+        if isinstance(module, TokenMixer) and module.fused_input_projection is not None:
+            module.fused_input_projection.release()
+            module.fused_input_projection = None
+            counts["mixers"] += 1
+        elif "fused_gate_up" in vars(module):
+            module.fused_gate_up.release()
+            if module.aligned_down_proj is not None:
+                module.aligned_down_proj.release()
+            del module.forward, module.fused_gate_up, module.aligned_down_proj
+            counts["mlps"] += 1
+    return counts
+
+
+def restore_model(model: nn.Module) -> dict[str, int]:
+    """The model as loaded: `unfuse_projections`, and every submodule compiled in place (`module.compile()`, as
+    a streaming session's `compile=True` does to the vision blocks) back to eager. Returns the counts."""
+    counts = unfuse_projections(model)
+    counts["compiled"] = sum(uncompile_module(module) for module in model.modules())
     return counts

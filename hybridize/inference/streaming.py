@@ -108,9 +108,11 @@ class StreamingSession:
     models without growing layers and with SDPA or eager attention).
     allow_growing_cache: stream into a model with full-attention layers, whose cache grows with every frame.
     compile: torch.compile the vision blocks and the captured per-frame prefill (CUDA graphs only; the first
-    frames compile, about a minute for Qwen2.5-VL-3B). The model's vision blocks stay compiled after the session.
+    frames compile, about a minute for Qwen2.5-VL-3B). The model's vision blocks stay compiled after the session
+    (`hybridize.inference.fusion.restore_model(model)` undoes it, and `fuse`).
     fuse: `hybridize.inference.fusion.fuse_projections(model)` first (sibling projections of the mixers and the
-    gated MLPs, ViT included, as one matrix product each; the model computes the same).
+    gated MLPs, ViT included, as one matrix product each; the model computes the same; the caller's parameters
+    become views of the fused weights until `unfuse_projections(model)`). Off unless asked for.
     """
 
     @torch.no_grad()  # not inference mode: its tensors stay usable wherever the caller runs the encoder
@@ -124,7 +126,7 @@ class StreamingSession:
         cuda_graphs: bool | None = None,
         static_decode: bool | None = None,
         allow_growing_cache: bool = False,
-        fuse: bool = True,
+        fuse: bool = False,
         compile: bool = False,
     ):
         inner = getattr(model, "model", None)

@@ -89,7 +89,7 @@ class TokenMixer(nn.Module):
     varlen_kernels: ClassVar[bool] = False
     # Linear layers (attribute paths) that each read the mixer's input hidden states, in the order
     # `project_inputs` returns them. `hybridize.inference.fusion.fuse_projections` lays their weights out side by
-    # side in one matrix, so that inference computes them in one matrix product.
+    # side in one matrix, so that inference computes them in one matrix product (the `fused_input_projection` hook).
     input_projections: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
@@ -98,6 +98,10 @@ class TokenMixer(nn.Module):
         super().__init__()
         self.config = config
         self.spec = spec
+        # The hook for inference-time fusion: None, or a callable of the hidden states returning the outputs of
+        # `input_projections` in order, which `project_inputs` uses under no_grad while it is `current()`. Set and
+        # cleared only by `hybridize.inference.fusion` (fuse_projections / unfuse_projections).
+        self.fused_input_projection = None
         self.layer_idx = layer_idx
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -214,7 +218,7 @@ class TokenMixer(nn.Module):
     def project_inputs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The `input_projections` of hidden_states: one matrix product when they are fused and autograd is off
         (the fused weight is not what the optimiser updates), else one per layer."""
-        fused = getattr(self, "fused_input_projection", None)
+        fused = self.fused_input_projection
         if fused is not None and not torch.is_grad_enabled() and fused.current():
             return fused(hidden_states)
         return tuple(self.get_submodule(name)(hidden_states) for name in self.input_projections)

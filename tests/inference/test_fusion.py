@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from hybridize.converters import convert, plan_layers
-from hybridize.inference.fusion import FusedLinear, fuse_projections
+from hybridize.inference.fusion import FusedLinear, fuse_projections, restore_model, unfuse_projections
 from hybridize.mixers.gated_deltanet import GatedDeltaNetMixer
 from hybridize.presets import tiny_model
 from tests.conftest import relative_rms
@@ -76,6 +76,34 @@ def test_new_storage_falls_back_and_fuses_again(llama_hybrid):
     assert fuse_projections(model) == {"mixers": 2, "mlps": 3}
     assert mixer.fused_input_projection.weight.dtype == torch.float32
     assert relative_rms(expected, logits(model, ids)) < 1e-6
+
+
+def test_unfusing_gives_the_model_back(llama_hybrid):
+    """unfuse_projections: every parameter its own storage again (an update of one no longer shows in its
+    siblings' fused tensor), no hook left, the classes' forwards, the same logits; restore_model also un-compiles."""
+    model = copy.deepcopy(llama_hybrid)
+    ids = torch.randint(3, 200, (1, 7), generator=torch.Generator().manual_seed(3))
+    expected = logits(model, ids)
+    parameters = dict(model.named_parameters())
+    fuse_projections(model)
+    mixer = next(m for m in model.modules() if isinstance(m, GatedDeltaNetMixer))
+    fused = mixer.fused_input_projection
+    mlp = next(m for m in model.modules() if hasattr(m, "fused_gate_up"))
+    assert unfuse_projections(model) == {"mixers": 2, "mlps": 3}
+    assert mixer.fused_input_projection is None and "forward" not in vars(mlp)
+    assert not hasattr(mlp, "fused_gate_up")
+    assert all(p is parameters[name] for name, p in model.named_parameters())  # the same Parameter objects
+    with torch.no_grad():
+        mixer.q_proj.weight.add_(1.0)
+    assert not torch.equal(fused.weight[: mixer.q_proj.out_features], mixer.q_proj.weight)
+    with torch.no_grad():
+        mixer.q_proj.weight.sub_(1.0)
+    assert torch.equal(logits(model, ids), expected)
+    assert unfuse_projections(model) == {"mixers": 0, "mlps": 0}  # idempotent
+    mlp.compile()  # as a streaming session compiles vision blocks in place (compiled lazily: nothing runs here)
+    fuse_projections(model)
+    assert restore_model(model) == {"mixers": 2, "mlps": 3, "compiled": 1}
+    assert mlp._compiled_call_impl is None
 
 
 def test_round_trip_after_fusing(llama_hybrid, tmp_path):

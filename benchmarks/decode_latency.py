@@ -199,10 +199,10 @@ def text_config(model):
     return model.config.get_text_config(decoder=True)
 
 
-def kv_shape(model, tokens: int) -> tuple[int, ...]:
+def kv_shape(model, tokens: int, batch: int = 1) -> tuple[int, ...]:
     config = text_config(model)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return (1, config.num_key_value_heads, tokens, head_dim)
+    return (batch, config.num_key_value_heads, tokens, head_dim)
 
 
 def random_ids(model, length: int, device: torch.device) -> torch.Tensor:
@@ -276,27 +276,29 @@ def eager_step(model, cache, context: int, device: torch.device):
 
 
 def stock_static_step(
-    model, context: int, max_length: int, device: torch.device, generator, cuda_graph: bool
+    model, context: int, max_length: int, device: torch.device, generator, cuda_graph: bool, batch: int = 1
 ):
-    """transformers' StaticCache filled with `context` random tokens, and a decode step over it captured in a CUDA
-    graph (the cache's own length counter and the position advance inside the graph)."""
+    """transformers' StaticCache of `batch` rows filled with `context` random tokens each, and a decode step over
+    it captured in a CUDA graph (the cache's own length counter and the position advance inside the graph)."""
     config = text_config(model)
     cache = StaticCache(config=config, max_cache_len=max_length)
     _, heads, _, head_dim = kv_shape(model, 0)
     dtype = next(model.parameters()).dtype
-    cache.early_initialization(batch_size=1, num_heads=heads, head_dim=head_dim, dtype=dtype, device=device)
+    cache.early_initialization(
+        batch_size=batch, num_heads=heads, head_dim=head_dim, dtype=dtype, device=device
+    )
     for layer in cache.layers:
         random_(layer.keys[:, :, :context], generator)
         random_(layer.values[:, :, :context], generator)
         layer.cumulative_length.fill_(context)
-    token = torch.zeros(1, 1, dtype=torch.long, device=device)
-    position = torch.full((1, 1), context, dtype=torch.long, device=device)
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    position = torch.full((batch, 1), context, dtype=torch.long, device=device)
     slots = torch.arange(max_length, device=device)
 
     def forward():
         mask = (slots <= position[0, 0])[
             None, None, None, :
-        ]  # (1, 1, 1, max_length): keys up to the position
+        ]  # (1, 1, 1, max_length): keys up to the position, every row at the same one
         logits = model(
             input_ids=token,
             attention_mask=mask,
@@ -332,7 +334,7 @@ def stock_static_step(
 
 
 def hybrid_static_step(decoder: StaticDecoder):
-    state = {"token": torch.zeros(1, dtype=torch.long, device=decoder.cache.device)}
+    state = {"token": torch.zeros(decoder.cache.batch_size, dtype=torch.long, device=decoder.cache.device)}
 
     def step():
         state["token"] = decoder.step(state["token"]).argmax(-1)

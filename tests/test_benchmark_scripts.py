@@ -134,3 +134,32 @@ def test_attention_kernels_refuses_to_run_without_cuda(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="run it on a GPU"):
         benchmark_script("attention_kernels", monkeypatch).main(["--out", str(out)])
     assert not out.exists()
+
+
+def test_decode_throughput_measures_both_models_and_stops_at_out_of_memory(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    script = benchmark_script("decode_throughput", monkeypatch)
+    out = tmp_path / "throughput.json"
+    argv = ["--config", "tiny", "--device", "cpu", "--contexts", "32", "--batches", "1", "2", "4"]
+    argv += ["--steps", "2", "--repeats", "1", "--warmup", "1", "--out", str(out)]
+    real_measure = script.measure
+
+    def measure(args, name, model, context, batch, device):  # the stock model "runs out of memory" at batch 4
+        if name == "stock_static_graph" and batch == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_measure(args, name, model, context, batch, device)
+
+    monkeypatch.setattr(script, "measure", measure)
+    script.main(argv)
+    report = json.loads(out.read_text())
+    stock, hybrid = report["runs"]["stock_static_graph"]["32"], report["runs"]["hybrid_static_graph"]["32"]
+    assert stock["4"] == {"oom": True} and all(hybrid[b]["tokens_per_s"] > 0 for b in ("1", "2", "4"))
+    # Throughput counts every row: tokens/s = batch / step time.
+    assert hybrid["2"]["tokens_per_s"] == pytest.approx(2e3 / hybrid["2"]["ms_per_step"])
+    row = report["summary"]["32"]
+    assert row["hybrid_static_graph"]["tokens_per_s"] == max(r["tokens_per_s"] for r in hybrid.values())
+    assert row["hybrid_over_stock"] == pytest.approx(
+        row["hybrid_static_graph"]["tokens_per_s"] / row["stock_static_graph"]["tokens_per_s"]
+    )
+    assert report["command"].startswith("python benchmarks/decode_throughput.py --config tiny")
+    assert "| 32 | 4 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").is_file()

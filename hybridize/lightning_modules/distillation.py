@@ -129,7 +129,12 @@ class LayerwiseDistillation(DistillationStage):
         self.mse_weight = mse_weight
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        with distillation_mode(self.hybrid, "layerwise") as layers, torch.no_grad():
+        # Training: each layer takes its mixer's gradients as soon as its loss exists, and frees that graph.
+        eager_backward = self.training and torch.is_grad_enabled()
+        with (
+            distillation_mode(self.hybrid, "layerwise", eager_backward=eager_backward) as layers,
+            torch.no_grad(),
+        ):
             # The loss is in the layers; the head projects one position instead of all of them.
             self.hybrid(**self.model_inputs(batch), use_cache=False, **logits_kept(self.hybrid, 1))
         mse = torch.stack([layer.loss for layer in layers]).mean()

@@ -8,7 +8,9 @@ embeddings, MLPs, norms, vision tower and head exist once. Modes:
 - "teacher": the layer returns the teacher attention's output (the whole model is the teacher);
 - "student": the layer returns the mixer's output (the whole model is the hybrid);
 - "layerwise": the layer returns the teacher's output, so every later layer sees the teacher's activations,
-  and records the mixer's MSE against it on the same input (stage 1a).
+  and records the mixer's MSE against it on the same input (stage 1a). With `eager_backward` the layer takes
+  its mixer's gradients at once and frees that graph (`GradientsTaken`): one mixer's activations are alive at a
+  time instead of every mixer's until the step's backward.
 """
 
 from __future__ import annotations
@@ -31,6 +33,29 @@ from hybridize.mixers.sliding_window import SlidingWindowMixer
 MODES = ("teacher", "student", "layerwise")
 
 
+class GradientsTaken(torch.autograd.Function):
+    """A loss whose gradients were taken already (and its graph freed): its backward hands the stored gradients,
+    times the gradient that reaches the loss (a loss weight, 1/accumulation, a precision plugin's scale), to the
+    parameters, as the loss's own graph would have."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, gradients: tuple, *parameters: torch.Tensor) -> torch.Tensor:
+        ctx.gradients = gradients
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        gradients, ctx.gradients = ctx.gradients, None
+        return None, None, *(None if grad is None else grad * grad_output for grad in gradients)
+
+
+def take_gradients_now(loss: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """`loss` as a `GradientsTaken`: the gradients of `module`'s trainable parameters are computed now."""
+    parameters = [parameter for parameter in module.parameters() if parameter.requires_grad]
+    gradients = torch.autograd.grad(loss, parameters, allow_unused=True)
+    return GradientsTaken.apply(loss.detach(), gradients, *parameters)
+
+
 class DistilledLayer(nn.Module):
     """A converted layer's mixer (`student`, trainable) beside the frozen teacher attention it replaced."""
 
@@ -39,6 +64,7 @@ class DistilledLayer(nn.Module):
         self.student = student
         self.teacher = teacher.requires_grad_(False).eval()
         self.mode = "student"
+        self.eager_backward = False
         self.loss: torch.Tensor | None = None
 
     def train(self, mode: bool = True) -> DistilledLayer:
@@ -57,6 +83,8 @@ class DistilledLayer(nn.Module):
             with torch.enable_grad():  # the rest of the model runs without gradients
                 output = self.student(hidden_states.detach(), **kwargs)[0]
                 self.loss = masked_mse(output, target, valid)
+                if self.eager_backward and self.loss.requires_grad:
+                    self.loss = take_gradients_now(self.loss, self.student)
         return target, None
 
 
@@ -143,8 +171,9 @@ def distilled_layers(hybrid: nn.Module) -> list[DistilledLayer]:
 
 
 @contextmanager
-def distillation_mode(hybrid: nn.Module, mode: str):
-    """Run the hybrid as the teacher, the student, or the layer-wise pair (see the module docstring)."""
+def distillation_mode(hybrid: nn.Module, mode: str, *, eager_backward: bool = False):
+    """Run the hybrid as the teacher, the student, or the layer-wise pair (see the module docstring);
+    `eager_backward`: layer-wise losses take their gradients at once."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}.")
     layers = distilled_layers(hybrid)
@@ -152,7 +181,7 @@ def distillation_mode(hybrid: nn.Module, mode: str):
         raise ValueError("The hybrid has no teacher attached; call attach_teacher(hybrid, teacher) first.")
     previous = [layer.mode for layer in layers]
     for layer in layers:
-        layer.mode, layer.loss = mode, None
+        layer.mode, layer.loss, layer.eager_backward = mode, None, eager_backward
     try:
         # As the teacher, sliding-window layers attend to everything: beyond the window the teacher's logits
         # (1b) and the inputs each mixer learns from (1a) are the full-attention model's.
@@ -160,4 +189,4 @@ def distillation_mode(hybrid: nn.Module, mode: str):
             yield layers
     finally:
         for layer, mode_before in zip(layers, previous, strict=True):
-            layer.mode = mode_before
+            layer.mode, layer.eager_backward = mode_before, False

@@ -22,6 +22,7 @@ from hybridize.lightning_modules import (
     token_cross_entropy,
 )
 from hybridize.lightning_modules.stage import head_is_last
+from hybridize.lightning_modules.teacher import distilled_layers
 from hybridize.mixers import TokenMixer
 from hybridize.presets import tiny_model
 from tests.lightning_modules.conftest import (
@@ -82,6 +83,33 @@ def test_layerwise_stage_trains_only_the_mixers_and_its_loss_goes_down(saved_hyb
     trainable = sum(row["trainable"] for row in module.parameter_counts.values())
     assert trainable == sum(p.numel() for n, p in hybrid.named_parameters() if n.startswith(prefixes))
     assert module.parameter_counts["teacher attention"]["trainable"] == 0
+
+
+def test_layerwise_gradients_taken_per_layer_are_the_summed_losses_gradients():
+    """Stage 1a takes each mixer's gradients as soon as its loss exists (freeing that graph); the gradients that
+    then reach the parameters through the step's backward, scaled by what reaches the loss, are those of the
+    summed loss's own graph (fp64)."""
+    hybrid, teacher, _ = converted(seed=6)
+    module = LayerwiseDistillation(
+        hybrid.double(), teacher=teacher.double(), previous_stage=None, mse_weight=7.0
+    )
+    module.train()
+    batch = batches(1, seed=6)[0]
+    parameters = {name: p for name, p in module.hybrid.named_parameters() if p.requires_grad}
+    loss = module.losses(batch)["loss"]
+    layer_losses = [layer.loss for layer in distilled_layers(module.hybrid)]
+    assert all(type(loss.grad_fn).__name__ == "GradientsTakenBackward" for loss in layer_losses)
+    (3.0 * loss).backward()  # a factor on the way, as accumulation or a loss scale puts there
+    eager = {name: p.grad.clone() for name, p in parameters.items()}
+    module.zero_grad()
+    with distillation_mode(module.hybrid, "layerwise") as layers, torch.no_grad():
+        module.hybrid(**module.model_inputs(batch), use_cache=False)
+    expected = 7.0 * torch.stack([layer.loss for layer in layers]).mean()
+    (3.0 * expected).backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    assert eager.keys() == {name for name, p in parameters.items() if p.grad is not None} and eager
+    for name, p in parameters.items():
+        torch.testing.assert_close(eager[name], p.grad, rtol=1e-10, atol=1e-14, msg=name)
 
 
 def test_end_to_end_stage_kl_goes_down():

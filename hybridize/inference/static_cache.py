@@ -31,7 +31,7 @@ from torch import nn
 from hybridize.compat import Cache, DynamicLayer
 from hybridize.converters.discovery import attention_spec, find_decoder_layout
 from hybridize.mixers.base import TokenMixer
-from hybridize.mixers.cache import MixerCacheLayer
+from hybridize.mixers.cache import MixerCacheLayer, WindowSlot
 from hybridize.mixers.full_attention import FullAttentionMixer
 from hybridize.mixers.sliding_window import SlidingWindowMixer
 
@@ -78,11 +78,11 @@ def layer_layouts(model: nn.Module, max_length: int) -> list[LayerLayout]:
     return layouts
 
 
-class StaticAttentionLayer(DynamicLayer):
+class StaticAttentionLayer(WindowSlot, DynamicLayer):
     """Keys and values of one softmax attention layer in a buffer of `capacity` slots (B, heads, capacity, D).
 
-    A `DynamicLayer` to transformers (an ordinary attention slot); `is_sliding` for ring buffers, which the
-    sliding-window mixer and the mask functions look for.
+    A `DynamicLayer` to transformers (an ordinary attention slot); `is_sliding` for ring buffers, which the mask
+    functions look for; a `WindowSlot` to the sliding-window mixer (its decode mask, the padding of its keys).
     """
 
     is_croppable = False
@@ -99,22 +99,16 @@ class StaticAttentionLayer(DynamicLayer):
         self.dtype, self.device = cache.dtype, cache.device
         self.is_initialized = True
 
-    @property
     def decode_mask(self) -> torch.Tensor | None:
         """(B, 1, 1, capacity) bool, True at slots that hold real tokens, while the cache decodes; else None."""
         return self.cache.decode_masks[self.capacity] if self.cache.decoding else None
 
-    @property
-    def key_padding(self) -> torch.Tensor:
-        """(B, kept) bool: which of the cached keys a prefill gets (see `update`) are real tokens. The
-        sliding-window mixer reads it; it follows the cache's `valid`, so the mixer's own writes are ignored."""
+    def past_key_padding(self, like: torch.Tensor) -> torch.Tensor:
+        """(B, kept) bool: which of the cached keys a prefill gets (see `update`) are real tokens, from the cache's
+        `valid` (so `record_key_padding` has nothing to keep)."""
         seen = self.cache.seen_tokens
         kept = min(seen, self.capacity if self.window is None else self.window - 1)
         return self.cache.valid[self.capacity][:, self._slots(seen - kept, seen)]
-
-    @key_padding.setter
-    def key_padding(self, value: torch.Tensor) -> None:
-        pass
 
     def _slots(self, start: int, stop: int) -> torch.Tensor:
         return torch.arange(start, stop, device=self.device) % self.capacity

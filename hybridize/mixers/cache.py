@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from hybridize.compat import DynamicLayer
+from hybridize.compat import DynamicLayer, DynamicSlidingWindowLayer
 
 
 class MixerCacheLayer(DynamicLayer):
@@ -104,3 +104,53 @@ def mixer_cache_layer(cache, layer_idx: int) -> MixerCacheLayer | None:
             )
         layers[layer_idx] = MixerCacheLayer()
     return layers[layer_idx]
+
+
+class WindowSlot:
+    """What the `sliding_window` mixer asks of its layer's cache slot, beside transformers' cache-layer methods: the
+    mask of a static decode step, and the padding of the cached keys that the next tokens can reach (the model's
+    masks cover only the new tokens once a window has slid). Cache layers mix it in: `SlidingWindowSlot` for
+    generate()'s DynamicCache, `hybridize.inference.static_cache.StaticAttentionLayer` for static decoding."""
+
+    def decode_mask(self) -> torch.Tensor | None:
+        """(B, 1, 1, slots) bool, True at slots that hold real tokens, during a static decode step; else None."""
+        return None
+
+    def past_key_padding(self, like: torch.Tensor) -> torch.Tensor:
+        """(B, kept) bool: which of the cached keys the next tokens get are real tokens (`like`: a (B, T) bool
+        tensor of the new tokens, for the empty case)."""
+        raise NotImplementedError
+
+    def record_key_padding(self, keys_valid: torch.Tensor) -> None:
+        """Keep the padding of the last window - 1 keys, (B, kept) bool, for the next call. A slot whose cache
+        tracks which slots are real (the static cache) has it already and ignores this."""
+
+
+class SlidingWindowSlot(WindowSlot, DynamicSlidingWindowLayer):
+    """transformers' growing sliding-window cache layer, plus the padding of the keys it keeps."""
+
+    def __init__(self, sliding_window: int):
+        super().__init__(sliding_window=sliding_window)
+        self.key_padding: torch.Tensor | None = None
+
+    def past_key_padding(self, like: torch.Tensor) -> torch.Tensor:
+        return like[:, :0] if self.key_padding is None else self.key_padding
+
+    def record_key_padding(self, keys_valid: torch.Tensor) -> None:
+        self.key_padding = keys_valid
+
+    # Batch edits (beam search, contrastive search) apply to the padding rows as to the keys.
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.key_padding is not None:
+            self.key_padding = self.key_padding.index_select(0, beam_idx.to(self.key_padding.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.key_padding is not None:
+            self.key_padding = self.key_padding.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.key_padding is not None:
+            self.key_padding = self.key_padding[indices]

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hybridize.compat import DynamicSlidingWindowLayer, cache_argument, configured_attention
+from hybridize.compat import cache_argument, configured_attention
 from hybridize.mixers.base import AttentionSpec, MixerConfig, TokenMixer
+from hybridize.mixers.cache import SlidingWindowSlot, WindowSlot
 from hybridize.mixers.flash_window import FLASH_WINDOW
 from hybridize.mixers.masks import key_padding_mask
 from hybridize.mixers.registry import register_mixer
@@ -98,7 +99,7 @@ class SlidingWindowMixer(TokenMixer):
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         slot = self._cache_slot(cache)
-        decode_mask = getattr(slot, "decode_mask", None)
+        decode_mask = slot.decode_mask() if slot is not None else None
         if decode_mask is not None:
             # A static cache's decode step (hybridize.inference.static_cache): its ring buffer of `window` slots
             # says which hold real tokens with device tensors alone, so that the step can be a CUDA graph.
@@ -133,9 +134,8 @@ class SlidingWindowMixer(TokenMixer):
         else:
             kv_length, kv_offset = slot.get_mask_sizes(length)
             seen = slot.get_seq_length()
-            past_valid = getattr(slot, "key_padding", valid[:, :0])
-            keys_valid = torch.cat([past_valid, valid], dim=1)[:, -kv_length:]
-            slot.key_padding = keys_valid[:, -(self.window - 1) :] if self.window > 1 else valid[:, :0]
+            keys_valid = torch.cat([slot.past_key_padding(valid), valid], dim=1)[:, -kv_length:]
+            slot.record_key_padding(keys_valid[:, -(self.window - 1) :] if self.window > 1 else valid[:, :0])
         # Every key inside the window: the model's causal mask is right if it spans these queries and keys (a
         # static cache hands mixers only the new tokens' padding).
         spans = attention_mask is None or (
@@ -152,12 +152,15 @@ class SlidingWindowMixer(TokenMixer):
         layers = cache.layers
         while len(layers) <= self.layer_idx:
             layers.append(cache.layer_class_to_replicate())
-        if not getattr(layers[self.layer_idx], "is_sliding", False):  # dynamic window or static ring buffer
-            if layers[self.layer_idx].get_seq_length() > 0:
-                raise RuntimeError(
-                    f"Cache slot {self.layer_idx} was filled by a layer that was not sliding-window."
-                )
-            layers[self.layer_idx] = DynamicSlidingWindowLayer(sliding_window=self.window)
+        slot = layers[self.layer_idx]
+        if isinstance(slot, WindowSlot):  # ours from an earlier call, or a static cache's ring buffer
+            return slot
+        if slot.get_seq_length() > 0:
+            raise RuntimeError(
+                f"Cache slot {self.layer_idx} holds a {type(slot).__name__} that another layer filled; the "
+                "sliding_window mixer keeps its keys in a WindowSlot (check that the cache was built for this model)."
+            )
+        layers[self.layer_idx] = SlidingWindowSlot(self.window)
         return layers[self.layer_idx]
 
     def _sliding_mask(self, keys_valid, seen: int, length: int, kv_offset: int, like: torch.Tensor):

@@ -8,6 +8,7 @@ import torch
 from hybridize.converters import convert, plan_layers
 from hybridize.mixers import SlidingWindowMixer, mixer_config
 from hybridize.mixers.base import AttentionSpec
+from hybridize.mixers.cache import SlidingWindowSlot
 from hybridize.presets import tiny_qwen2_5_vl
 
 pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
@@ -70,3 +71,23 @@ def test_window_must_be_positive():
     for window in (0, -1):
         with pytest.raises(ValueError, match="window"):
             mixer_config("sliding_window", {"window": window}, spec)
+
+
+def test_the_window_slot_keeps_its_keys_padding_with_its_rows():
+    """Beam search and batch edits reorder, repeat and select the rows of the keys: the padding of the keys the
+    sliding_window mixer tracks on its slot moves with them."""
+    slot = SlidingWindowSlot(sliding_window=4)
+    keys = torch.arange(3.0)[:, None, None, None].expand(3, 1, 2, 2).clone()
+    slot.update(keys, keys.clone())
+    padding = torch.tensor([[True, False], [True, True], [False, True]])
+    slot.record_key_padding(padding)
+    assert torch.equal(slot.past_key_padding(padding), padding)
+    slot.reorder_cache(torch.tensor([2, 0, 1]))
+    assert torch.equal(slot.keys[:, 0, 0, 0], torch.tensor([2.0, 0.0, 1.0]))
+    assert torch.equal(slot.past_key_padding(padding), padding[[2, 0, 1]])
+    slot.batch_repeat_interleave(2)
+    assert torch.equal(slot.past_key_padding(padding), padding[[2, 2, 0, 0, 1, 1]])
+    slot.batch_select_indices(torch.tensor([1, 4]))
+    assert torch.equal(slot.keys[:, 0, 0, 0], torch.tensor([2.0, 1.0]))
+    assert torch.equal(slot.past_key_padding(padding), padding[[2, 1]])
+    assert SlidingWindowSlot(4).past_key_padding(padding).shape == (3, 0)  # nothing cached yet

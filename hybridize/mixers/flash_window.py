@@ -76,6 +76,8 @@ def flash_window_attention(
     query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # (B, L, H, D)
     if cu_seq_lens_q is not None:
         cu_seq_lens_k = cu_seq_lens_q if cu_seq_lens_k is None else cu_seq_lens_k
+        if max_length_q is None:  # the kernel's grid covers the longest sample (one host read)
+            max_length_q = int((cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).max())
         max_length_k = max_length_q if max_length_k is None else max_length_k
         out = flash_attention(
             *(x.reshape(-1, *x.shape[2:]) for x in (query, key, value)),

@@ -50,6 +50,12 @@ def flash_window_attention(
             f"{FLASH_WINDOW} takes a 2-D key-padding mask, got shape {tuple(attention_mask.shape)}; the model must "
             f"build its masks for {FLASH_WINDOW} (use_attention_implementation) rather than for SDPA or eager."
         )
+    unsupported = [name for name in ("softcap", "s_aux") if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(
+            f"{type(module).__name__} passes {', '.join(unsupported)} to its attention, which {FLASH_WINDOW} does "
+            "not apply; train this family with flash_window: false (its own attention implementation)."
+        )
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: the kernel's causal form, no gather
     if cu_seq_lens_q is not None and attention_mask is not None:

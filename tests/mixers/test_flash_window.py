@@ -79,11 +79,13 @@ def test_packed_rows_give_sdpas_block_diagonal_logits(model_type):
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-8, atol=1e-10, msg=name)
 
 
-def test_a_dense_mask_is_refused_with_the_fix():
+def test_a_dense_mask_or_a_logit_softcap_is_refused_with_the_fix():
     module = torch.nn.Module()
     q = torch.zeros(1, 2, 4, 8)
     with pytest.raises(ValueError, match="2-D key-padding mask.*use_attention_implementation"):
         flash_window_attention(module, q, q, q, torch.ones(1, 1, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="passes softcap.*flash_window: false"):
+        flash_window_attention(module, q, q, q, None, softcap=50.0)
 
 
 CUDA_CASES = {

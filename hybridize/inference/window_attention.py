@@ -26,6 +26,7 @@ from torch import nn
 from transformers import AttentionInterface
 
 from hybridize.compat import DynamicSlidingWindowLayer
+from hybridize.mixers.masks import band_mask
 from hybridize.mixers.ops.flash import flash_attention
 
 WINDOW_ATTENTION = "hybridize_window_attention"
@@ -100,9 +101,9 @@ def window_band_mask(keys: WindowKeys, query_length: int, key_length: int) -> to
     """(1, 1, Lq, Lk) bool: query i (the (Lk - Lq + i)-th key's token) sees the `window` keys up to its own,
     past the empty slots."""
     device = keys.empty.device
-    query = torch.arange(query_length, device=device)[:, None] + (key_length - query_length)
-    key = torch.arange(key_length, device=device)[None, :]
-    allowed = (key <= query) & (query - key < keys.window) & (key >= keys.empty)
+    query = torch.arange(query_length, device=device) + (key_length - query_length)
+    key = torch.arange(key_length, device=device)
+    allowed = band_mask(query, key, keys.window) & (key >= keys.empty)[None, :]
     return allowed[None, None]
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridize.compat import register_unpadded_attention
+from hybridize.mixers.masks import band_mask
 from hybridize.mixers.ops.flash import flash_attention, flash_kernel_usable
 
 FLASH_WINDOW = "hybridize_flash_window"
@@ -144,13 +145,9 @@ def _masked_reference(
         query_pos = torch.arange(length_q, device=device) + (length_k - length_q)  # aligned to the last key
         key_pos = torch.arange(length_k, device=device)
         same_sample = None
-    allowed = torch.ones(len(query_pos), len(key_pos), dtype=torch.bool, device=device)
+    allowed = band_mask(query_pos, key_pos, window, causal)
     if same_sample is not None:
         allowed &= same_sample
-    if causal:
-        allowed &= key_pos[None, :] <= query_pos[:, None]
-    if window is not None:
-        allowed &= query_pos[:, None] - key_pos[None, :] < window
     allowed = allowed[None, None]  # (1, 1, Lq, Lk)
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, None, :]  # (B, 1, Lq, Lk)

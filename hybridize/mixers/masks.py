@@ -34,3 +34,21 @@ def key_padding_mask(attention_mask, query_length: int) -> torch.Tensor | None:
         )
     # A single new token (a decode step) is always real; skipping the check avoids a device sync.
     return None if query_length == 1 or bool(valid.all()) else valid
+
+
+def band_mask(
+    query_positions: torch.Tensor, key_positions: torch.Tensor, window: int | None, causal: bool = True
+) -> torch.Tensor:
+    """(..., Lq, Lk) bool, True where a query at `query_positions` (..., Lq) sees a key at `key_positions`
+    (..., Lk): at or before its own position (if `causal`) and fewer than `window` positions back (None: no
+    window), so a window of W keeps the query's own token and the W - 1 before it. The one rule of the
+    sliding-window mixer's masks, the stream's window attention and the flash-window reference."""
+    query, key = query_positions[..., :, None], key_positions[..., None, :]
+    allowed = torch.ones(
+        torch.broadcast_shapes(query.shape, key.shape), dtype=torch.bool, device=query.device
+    )
+    if causal:
+        allowed &= key <= query
+    if window is not None:
+        allowed &= query - key < window
+    return allowed

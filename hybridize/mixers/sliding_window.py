@@ -17,7 +17,7 @@ from hybridize.compat import cache_argument, configured_attention
 from hybridize.mixers.base import AttentionSpec, MixerConfig, TokenMixer
 from hybridize.mixers.cache import SlidingWindowSlot, WindowSlot
 from hybridize.mixers.flash_window import FLASH_WINDOW
-from hybridize.mixers.masks import key_padding_mask
+from hybridize.mixers.masks import band_mask, key_padding_mask
 from hybridize.mixers.registry import register_mixer
 
 IMPLEMENTATIONS = ("auto", "native", "mixer")
@@ -166,10 +166,9 @@ class SlidingWindowMixer(TokenMixer):
     def _sliding_mask(self, keys_valid, seen: int, length: int, kv_offset: int, like: torch.Tensor):
         """(B, 1, length, kv) mask in the form the attention implementation expects."""
         device = like.device
-        query_pos = torch.arange(seen, seen + length, device=device)[:, None]
-        key_pos = torch.arange(kv_offset, kv_offset + keys_valid.shape[1], device=device)[None, :]
-        allowed = (key_pos <= query_pos) & (query_pos - key_pos < self.window)
-        allowed = allowed[None, None] & keys_valid[:, None, None, :]
+        query_pos = torch.arange(seen, seen + length, device=device)
+        key_pos = torch.arange(kv_offset, kv_offset + keys_valid.shape[1], device=device)
+        allowed = band_mask(query_pos, key_pos, self.window)[None, None] & keys_valid[:, None, None, :]
         # A padding query with no real key in reach would give NaN in SDPA; let it see everything instead.
         allowed = allowed | ~allowed.any(-1, keepdim=True)
         implementation = configured_attention(self.attention.config)

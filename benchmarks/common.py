@@ -41,6 +41,14 @@ def default_output(script: str, device: torch.device, quick: bool) -> Path:
     return RESULTS / f"{script}_{tag}{'_quick' if quick else ''}.json"
 
 
+def run_setup(args, script: str, quick: bool = False) -> tuple[torch.device, torch.dtype, Path]:
+    """The device `args.device` names, the dtype the models run in there (bf16 on CUDA, fp32 elsewhere), and the
+    report's path (`args.out`, else the default for the script and card)."""
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype, Path(args.out) if args.out else default_output(script, device, quick)
+
+
 def report_header(script: str, argv: list[str] | None, device: torch.device) -> dict:
     """How a result was made: the command that reproduces it, the device, the software versions and the date."""
     return {

@@ -53,7 +53,7 @@ from hybridize.mixers.cache import MixerCacheLayer
 from hybridize.presets import qwen2_5_vl_3b_config, tiny_qwen2_5_vl_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import default_output, free, is_oom, redraw, report_header  # noqa: E402
+from common import free, is_oom, redraw, report_header, run_setup  # noqa: E402
 
 VARIANTS = (
     "stock_eager",
@@ -592,9 +592,7 @@ def main(argv=None) -> None:
     if args.plot_only is not None:
         redraw(args.plot_only, markdown, plot)
         return
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    out = args.out or default_output("decode_latency", device, args.quick)
+    device, dtype, out = run_setup(args, "decode_latency", args.quick)
     report = {
         **report_header("decode_latency", argv, device),
         "config": args.config,

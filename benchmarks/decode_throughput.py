@@ -36,7 +36,7 @@ from hybridize.inference.decode import StaticDecoder
 from hybridize.inference.static_cache import StaticHybridCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import default_output, free, is_oom, redraw, report_header  # noqa: E402
+from common import free, is_oom, redraw, report_header, run_setup  # noqa: E402
 from decode_latency import (  # noqa: E402
     CONFIGS,
     Clock,
@@ -248,9 +248,7 @@ def main(argv=None) -> None:
     if args.plot_only is not None:
         redraw(args.plot_only, markdown, plot)
         return
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    out = args.out or default_output("decode_throughput", device, False)
+    device, dtype, out = run_setup(args, "decode_throughput", False)
     report = {
         **report_header("decode_throughput", argv, device),
         "config": args.config,

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import default_output, free, report_header  # noqa: E402
+from common import free, report_header, run_setup  # noqa: E402
 from train_stages import build_teacher, model_config, random_token_batches, token_limit  # noqa: E402
 
 from hybridize.selection import SelectionSettings, get_method  # noqa: E402
@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
         "--redraw", type=Path, default=None, help="rewrite a saved report's table (and totals)"
     )
     args = parser.parse_args(argv)
+    timed = ("mse", "nll", "kl")  # uniform computes nothing
+    if not set(args.methods.split(",")) <= set(timed):
+        parser.error(f"--methods takes a comma-separated subset of {','.join(timed)}, got {args.methods!r}")
     if args.redraw:
         report = json.loads(args.redraw.read_text())
         for item in report["methods"]:
@@ -143,13 +146,11 @@ def main(argv: list[str] | None = None) -> None:
         args.redraw.write_text(json.dumps(report, indent=1))
         args.redraw.with_suffix(".md").write_text(markdown(report))
         return
-    device = torch.device(args.device)
+    device, dtype, out = run_setup(args, "select_cost", args.config == "tiny")
     config = model_config(args.config, 36 if args.config == "3b" else 8)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     teacher = build_teacher(config, device, dtype, seed=0)
     count = args.eval_batches + 100  # enough distinct training batches for every method's defaults
     batches = random_token_batches(count, 1, args.length, token_limit(config), seed=1)
-    out = Path(args.out) if args.out else default_output("select_cost", device, args.config == "tiny")
     report = {
         **report_header("select_cost", argv, device),
         "config": "Qwen2.5-VL-3B architecture" if args.config == "3b" else "tiny Qwen2.5-VL",

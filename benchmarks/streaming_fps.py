@@ -55,7 +55,7 @@ from hybridize.presets import (
 from hybridize.testing import held_states
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import default_output, free, is_oom, redraw, report_header  # noqa: E402
+from common import free, is_oom, redraw, report_header, run_setup  # noqa: E402
 
 VARIANTS = ("hybrid", "stock")
 TARGET_FPS = 60.0
@@ -519,9 +519,7 @@ def main(argv=None) -> None:
     if args.plot_only is not None:
         redraw(args.plot_only, markdown, plot)
         return
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    out = args.out or default_output("streaming_fps", device, args.quick)
+    device, dtype, out = run_setup(args, "streaming_fps", args.quick)
     report = {
         **report_header("streaming_fps", argv, device),
         "config": args.config,

@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import itertools
 import json
+import pickle
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -240,6 +241,19 @@ class SelectionRun:
             gradient_clip_val=1.0,
         )
 
+    def fit(self, stage: L.LightningModule, steps: int) -> None:
+        """Train `stage` for `steps` steps on the run's batches (in spawned workers on several devices)."""
+        try:
+            self.trainer(steps).fit(stage, self.train_loader(steps))
+        except (pickle.PicklingError, AttributeError, TypeError) as error:
+            if self.settings.devices == 1 or "pickle" not in str(error).lower():
+                raise
+            raise ValueError(
+                f"The model cannot be sent to spawned training processes ({error}); a model that ran with "
+                "output_attentions/output_hidden_states carries transformers' capture hooks: load the teacher "
+                "afresh, or use devices=1."
+            ) from None
+
     def train_loader(self, steps: int) -> DataLoader:
         """`steps` batches for every process (Lightning's distributed sampler deals them out)."""
         pool = self.train_batches
@@ -292,9 +306,7 @@ class SelectionRun:
             if self.settings.align_steps:
                 L.seed_everything(self.settings.seed, verbose=False)
                 stage = LayerwiseDistillation(hybrid, **self.stage_arguments())
-                self.trainer(self.settings.align_steps).fit(
-                    stage, self.train_loader(self.settings.align_steps)
-                )
+                self.fit(stage, self.settings.align_steps)
                 self.count_train_tokens(self.settings.align_steps)
                 del stage
             flat = {
@@ -339,7 +351,7 @@ class SelectionRun:
         L.seed_everything(self.settings.seed, verbose=False)
         stage = EndToEndDistillation(self.hybrid(sorted(softmax_layers)), **self.stage_arguments())
         if self.settings.train_steps:
-            self.trainer(self.settings.train_steps).fit(stage, self.train_loader(self.settings.train_steps))
+            self.fit(stage, self.settings.train_steps)
             self.count_train_tokens(self.settings.train_steps)
         stage.to(self.device).eval()
         total = count = 0.0

@@ -148,6 +148,17 @@ def test_two_processes_train_and_rank_like_one():
     assert result.softmax_layers == [LOOKUP_LAYER], result.scores
 
 
+def test_a_teacher_that_cannot_be_spawned_is_one_line():
+    teacher, batches = constructed_teacher()
+    with torch.no_grad(), attention_implementation(teacher.config, "eager"):
+        teacher(
+            input_ids=batches[0]["input_ids"], output_attentions=True
+        )  # leaves transformers' capture hooks
+    settings = SelectionSettings(method="mse", budget=1, window=64, eval_batches=2, align_steps=2, devices=2)
+    with pytest.raises(ValueError, match="cannot be sent to spawned training processes.*devices=1"):
+        select_layers(teacher, batches, settings, progress=False)
+
+
 def test_uniform_is_the_recipes_interleave(recall_teacher):
     teacher, batches = recall_teacher
     settings = SelectionSettings(method="uniform", budget=1, window=64, eval_batches=1)

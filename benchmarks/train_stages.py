@@ -38,7 +38,8 @@ attended query-key pair: causal, within the window, within each packed sample):
 Checkpointing's recomputation is not counted, nor the linear mixers' state arithmetic (< 2% of a layer).
 
     python benchmarks/train_stages.py --lengths 8192    # H100: 194 s for every variant (after fla's autotune)
-    python benchmarks/train_stages.py                   # every length: longer than one 10-minute device call
+    python benchmarks/train_stages.py                   # every length: longer than one 10-minute device call,
+    python benchmarks/train_stages.py --resume          # so run it again with --resume until nothing is skipped
     python benchmarks/train_stages.py --config tiny --device cpu --steps 1 --warmup 1   # CPU smoke run
 """
 
@@ -563,6 +564,31 @@ def measure(name: str, length: int, args, config, shape: Shape, device, dtype) -
     return {"error": "oom", "gradient_checkpointing": True if retry else checkpointing, "peak_gib": peak}
 
 
+RESUME_KEYS = ("config", "device", "precision", "warmup_steps", "timed_steps", "window", "packed_length")
+
+
+def resumed_runs(report: dict, out: Path) -> dict:
+    """The finished runs (measured, or out of memory) of the report an earlier call wrote to `out`, which must
+    have been made with the same settings; the commands of the calls so far go into `report["commands"]`."""
+    if not out.is_file():
+        raise SystemExit(f"--resume: {out} does not exist; run without --resume first.")
+    earlier = json.loads(out.read_text())
+    different = {
+        key: (earlier.get(key), report[key]) for key in RESUME_KEYS if earlier.get(key) != report[key]
+    }
+    if different:
+        raise SystemExit(f"--resume: {out} was made with other settings (its, this call's): {different}.")
+    report["commands"] = [*earlier.get("commands", [earlier["command"]]), report["command"]]
+    return {
+        name: {
+            length: result
+            for length, result in by_length.items()
+            if "error" not in result or result["error"] == "oom"
+        }
+        for name, by_length in earlier["runs"].items()
+    }
+
+
 def run_order(names: list[str], lengths: list[int], packed_length: int) -> list[tuple[str, int]]:
     """(variant, length) pairs, most important first: stages 2 and 3 and their baselines at the packed length,
     then every variant at the shortest length, then the rest by length. Packed rows run at the packed length."""
@@ -690,7 +716,8 @@ def plot(report: dict, path: Path) -> bool:
 def write_report(report: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    head = f"{report['command']}\n{report['device']}, {report['date']}, " + ", ".join(
+    commands = "\n".join(report.get("commands", [report["command"]]))  # a resumed sweep: every call's
+    head = f"{commands}\n{report['device']}, {report['date']}, " + ", ".join(
         f"{k} {v}" for k, v in report["versions"].items()
     )
     formula = f"MFU against {report['peak_tflops']:g} TFLOP/s; model FLOPs per step: {report['flop_formula']}"
@@ -735,6 +762,12 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (.md table and .png plot beside it)"
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs an earlier call wrote to --out (same config, steps and precision) and measure the "
+        "rest: a whole sweep over several device calls",
+    )
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit(f"Need --warmup >= 1 and --steps >= 1, got {args.warmup} and {args.steps}.")
@@ -768,8 +801,12 @@ def main() -> None:
     }
     tag = report["device_tag"] if args.config == "3b" else f"{args.config}_{report['device_tag']}"
     out = args.out or RESULTS / f"train_stages_{tag}.json"
+    done = resumed_runs(report, out) if args.resume else {}
     start = time.perf_counter()
     for name, length in run_order(args.variants, lengths, shape.packed_length):
+        if str(length) in done.get(name, {}):
+            report["runs"].setdefault(name, {})[str(length)] = done[name][str(length)]
+            continue
         if time.perf_counter() - start > args.time_budget_s:
             result = {"error": "skipped (time budget)"}
         else:

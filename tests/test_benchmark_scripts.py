@@ -163,3 +163,25 @@ def test_decode_throughput_measures_both_models_and_stops_at_out_of_memory(tmp_p
     )
     assert report["command"].startswith("python benchmarks/decode_throughput.py --config tiny")
     assert "| 32 | 4 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").is_file()
+
+
+def test_train_stages_resumes_a_sweep_over_several_calls(tmp_path, monkeypatch):
+    """--resume keeps what an earlier call measured and measures what it skipped; other settings are refused."""
+    out = tmp_path / "sweep.json"
+    common = ["--config", "tiny", "--device", "cpu", "--warmup", "1", "--lengths", "32", "--out", str(out)]
+    common += ["--variants", "stage3_lora", "stock_lora"]
+
+    def call(*extra):
+        monkeypatch.setattr(sys, "argv", ["train_stages.py", *common, *extra])
+        benchmark_script("train_stages", monkeypatch).main()
+        return json.loads(out.read_text())
+
+    first = call("--steps", "1", "--time-budget-s", "0")  # nothing starts within the budget
+    assert all(run["32"] == {"error": "skipped (time budget)"} for run in first["runs"].values())
+    second = call("--steps", "1", "--resume")
+    assert all(run["32"]["tokens_per_s"] > 0 for run in second["runs"].values())
+    assert len(second["commands"]) == 2 and "--resume" in second["commands"][1]
+    third = call("--steps", "1", "--resume")  # everything measured already: kept as it was
+    assert third["runs"] == second["runs"]
+    with pytest.raises(SystemExit, match="other settings.*timed_steps"):
+        call("--steps", "2", "--resume")

@@ -48,6 +48,7 @@ from hybridize.inference.fusion import fuse_projections
 from hybridize.inference.sampling import choose_next_tokens
 from hybridize.inference.static_cache import FULL, SLIDING, StaticHybridCache
 from hybridize.mixers.base import TokenMixer
+from hybridize.mixers.flash_window import FLASH_WINDOW
 from hybridize.mixers.ops.dtypes import compute_dtype
 
 DECODE_ATTENTION = "hybridize_static_decode"
@@ -117,11 +118,12 @@ def _attention_configs(model: nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def _decode_attention(configs: list) -> Iterator[None]:
-    """Attention modules call `grouped_decode_attention` inside this block (their configs are restored after)."""
+def _attention_in(configs: list, name: str) -> Iterator[None]:
+    """Attention modules (and the masks built for them) use implementation `name` inside this block: the decode
+    step's `grouped_decode_attention`, the prefill's flash window. Their configs are restored after."""
     with contextlib.ExitStack() as stack:
         for config in configs:
-            stack.enter_context(attention_implementation(config, DECODE_ATTENTION))
+            stack.enter_context(attention_implementation(config, name))
         yield
 
 
@@ -175,6 +177,13 @@ class StaticDecoder:
         self.eager_steps = 0
         self._admission: StaticDecoder | None = None  # a one-row decoder that prefills admitted prompts
         self._configs = _attention_configs(model)
+        # Prefill through the flash kernel with each layer's window (`mixers.flash_window`): the static cache hands
+        # attention its kept keys oldest first, so the 2-D padding mask of everything so far is all it needs. Not
+        # with mixers that wrap an attention module and build their own masks (the fallback sliding window).
+        self._flash_prefill = not any(
+            isinstance(module, TokenMixer) and module.wraps_attention for module in model.modules()
+        )
+        self._prefill_configs = list({id(c): c for c in [*self._configs, layout.decoder.config]}.values())
         self._logits_to_keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
         self._decode_masks = self._mask_argument(self._decode_mask_by_type())
 
@@ -288,24 +297,32 @@ class StaticDecoder:
         # transformers' masks index the padding mask of every token so far by position
         history = self.cache.padding_history().to(attention_mask.dtype)
         logits = None
-        for start in range(0, length, chunk_size):
-            stop = min(start + chunk_size, length)
-            chunk_mask = attention_mask[:, start:stop]
-            so_far = torch.cat([history, attention_mask[:, :stop]], dim=1)
-            inputs = {key: model_inputs[key][:, start:stop] for key in per_token}
-            if start == 0:
-                inputs = {**model_inputs, **inputs}
-            outputs = self.model(
-                input_ids=input_ids[:, start:stop],
-                attention_mask=self._prefill_masks(so_far, stop - start),
-                position_ids=position_ids[..., start:stop],
-                use_cache=True,
-                **cache_argument(self.cache),
-                **self._logits_to_keep,
-                **inputs,
-            )
-            self.cache.record_tokens(chunk_mask.bool(), position_ids[..., stop - 1 : stop] + 1)
-            logits = outputs.logits[:, -1]
+        flash = (
+            _attention_in(self._prefill_configs, FLASH_WINDOW)
+            if self._flash_prefill
+            else contextlib.nullcontext()
+        )
+        with flash:
+            for start in range(0, length, chunk_size):
+                stop = min(start + chunk_size, length)
+                chunk_mask = attention_mask[:, start:stop]
+                so_far = torch.cat([history, attention_mask[:, :stop]], dim=1)
+                inputs = {key: model_inputs[key][:, start:stop] for key in per_token}
+                if start == 0:
+                    inputs = {**model_inputs, **inputs}
+                outputs = self.model(
+                    input_ids=input_ids[:, start:stop],
+                    attention_mask=so_far
+                    if self._flash_prefill
+                    else self._prefill_masks(so_far, stop - start),
+                    position_ids=position_ids[..., start:stop],
+                    use_cache=True,
+                    **cache_argument(self.cache),
+                    **self._logits_to_keep,
+                    **inputs,
+                )
+                self.cache.record_tokens(chunk_mask.bool(), position_ids[..., stop - 1 : stop] + 1)
+                logits = outputs.logits[:, -1]
         return logits
 
     # --- decode -----------------------------------------------------------------------------------------
@@ -315,7 +332,7 @@ class StaticDecoder:
         cache = self.cache
         cache.decoding = True
         try:
-            with _decode_attention(self._configs):
+            with _attention_in(self._configs, DECODE_ATTENTION):
                 cache.begin_decode_step()
                 logits = self._decode_forward(
                     input_ids=self.tokens,

@@ -19,7 +19,7 @@ from hybridize.inference.decode import (
     grouped_decode_attention,
 )
 from hybridize.inference.static_cache import FULL, LINEAR, SLIDING, StaticHybridCache
-from hybridize.presets import tiny_model
+from hybridize.presets import tiny_model, tiny_qwen2_5_vl
 from tests.inference.test_generation import left_padded_image_batch
 
 pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
@@ -249,3 +249,30 @@ def test_bf16_grouped_attention_on_cuda_matches_fp32():
     assert got.dtype == torch.bfloat16
     error = (got.float() - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()
     assert error < 1e-2
+
+
+def test_prefill_attends_through_the_flash_window_implementation(monkeypatch):
+    """Static prefill runs its softmax layers through `mixers.flash_window` (the flash kernel on CUDA, its SDPA
+    reference here) with the kept keys oldest first and the 2-D padding mask: chunked, left-padded, window 8 of 20
+    tokens, the logits of the dense-mask path exactly."""
+    import hybridize.mixers.flash_window as flash_window
+
+    calls = []
+    reference = flash_window._masked_reference
+    monkeypatch.setattr(
+        flash_window, "_masked_reference", lambda *args: calls.append(args[0].shape) or reference(*args)
+    )
+    teacher, _ = tiny_qwen2_5_vl(seed=0)
+    hybrid, _ = convert(teacher, plan_layers(8, "1/4", window=8), progress=False)
+    ids = torch.randint(3, 200, (2, 20), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    logits = {}
+    for flash in (True, False):
+        decoder = StaticDecoder(hybrid, StaticHybridCache.for_model(hybrid, 2, 64))
+        assert decoder._flash_prefill
+        decoder._flash_prefill = flash
+        with torch.no_grad():
+            logits[flash] = decoder.prefill(ids, mask, chunk_size=8)
+    assert len(calls) == 2 * 3  # two sliding-window layers, three chunks
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-6, atol=1e-6)

@@ -141,3 +141,22 @@ def test_cuda_flash_kernel_matches_the_masked_reference_bf16(case):
     assert relative_rms(expected, out) < 1e-2
     for name, grad, expected_grad in zip("qkv", grads, expected_grads, strict=True):
         assert relative_rms(expected_grad, grad) < 2e-2, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("padded", [False, True])
+def test_cuda_flash_kernel_after_cached_keys_matches_the_masked_reference_bf16(padded):
+    """A prefill chunk after cached keys (static decoding's prefill): 300 queries over 700 keys, the queries the
+    last keys, window 256, rows left-padded or not; forward in bf16 against the fp32 reference."""
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(2, 16, 300, 128, device="cuda", dtype=torch.bfloat16, generator=generator)
+    k, v = (
+        torch.randn(2, 2, 700, 128, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in "kv"
+    )
+    mask = torch.ones(2, 700, dtype=torch.bool, device="cuda")
+    if padded:
+        mask[1, :90] = False
+    module = torch.nn.Module().eval()
+    out = flash_window_attention(module, q, k, v, mask, sliding_window=256)[0].float()
+    expected = _masked_reference(q.float(), k.float(), v.float(), mask, 128**-0.5, True, 256, None, None, 0.0)
+    assert relative_rms(expected, out) < 1e-2

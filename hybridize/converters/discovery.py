@@ -49,21 +49,23 @@ def find_decoder_layout(model: nn.Module) -> DecoderLayout:
     return DecoderLayout(text_config=text_config, decoder=decoder, layers=layers)
 
 
-def use_attention_implementation(model: nn.Module, name: str) -> None:
-    """Point the text decoder's attention at the implementation `name`: the masks the decoder builds and every
-    softmax attention module inside its layers (a kept layer, a mixer's wrapped attention, a distillation
-    teacher's copy, which may carry their own config objects). The vision tower keeps its own."""
+def attention_configs(model: nn.Module) -> list:
+    """The config objects the text decoder's attention reads its implementation from: the text config and the
+    decoder's (the masks it builds) and every one inside its layers (a kept layer, a mixer's wrapped attention, a
+    distillation teacher's copy, which may carry their own). The vision tower keeps its own."""
     layout = find_decoder_layout(model)
-    configs = {id(layout.text_config): layout.text_config}
-    configs[id(getattr(layout.decoder, "config", layout.text_config))] = getattr(
-        layout.decoder, "config", layout.text_config
-    )
+    configs = [layout.text_config, getattr(layout.decoder, "config", layout.text_config)]
     for layer in layout.layers:
         for module in layer.modules():
             config = getattr(module, "config", None)
             if config is not None and hasattr(config, "_attn_implementation"):
-                configs[id(config)] = config
-    for config in configs.values():
+                configs.append(config)
+    return list({id(config): config for config in configs}.values())
+
+
+def use_attention_implementation(model: nn.Module, name: str) -> None:
+    """Point the text decoder's attention (`attention_configs`) at the implementation `name`."""
+    for config in attention_configs(model):
         set_attention_implementation(config, name)
 
 

@@ -42,7 +42,7 @@ from hybridize.compat import (
     sdpa_attention_forward,
     sliding_window_causal_mask,
 )
-from hybridize.converters.discovery import find_decoder_layout
+from hybridize.converters.discovery import attention_configs, find_decoder_layout
 from hybridize.inference.cuda_graphs import WARMUP_STEPS, capture_cuda_graph, on_side_stream
 from hybridize.inference.fusion import fuse_projections
 from hybridize.inference.sampling import choose_next_tokens
@@ -101,20 +101,6 @@ def grouped_decode_attention(
 
 
 AttentionInterface.register(DECODE_ATTENTION, grouped_decode_attention)
-
-
-def _attention_configs(model: nn.Module) -> list:
-    """The config objects the model's attention modules read their attention implementation from."""
-    layout = find_decoder_layout(model)
-    configs = {}
-    for idx in range(len(layout.layers)):
-        module = layout.attention(idx)
-        if isinstance(module, TokenMixer):
-            module = getattr(module, "attention", None) if module.wraps_attention else None
-        config = getattr(module, "config", None)
-        if config is not None:
-            configs[id(config)] = config
-    return list(configs.values())
 
 
 @contextlib.contextmanager
@@ -176,14 +162,13 @@ class StaticDecoder:
         self.logits: torch.Tensor | None = None  # the captured step's output, overwritten by every replay
         self.eager_steps = 0
         self._admission: StaticDecoder | None = None  # a one-row decoder that prefills admitted prompts
-        self._configs = _attention_configs(model)
+        self._configs = attention_configs(model)
         # Prefill through the flash kernel with each layer's window (`mixers.flash_window`): the static cache hands
         # attention its kept keys oldest first, so the 2-D padding mask of everything so far is all it needs. Not
         # with mixers that wrap an attention module and build their own masks (the fallback sliding window).
         self._flash_prefill = not any(
             isinstance(module, TokenMixer) and module.wraps_attention for module in model.modules()
         )
-        self._prefill_configs = list({id(c): c for c in [*self._configs, layout.decoder.config]}.values())
         self._logits_to_keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
         self._decode_masks = self._mask_argument(self._decode_mask_by_type())
 
@@ -298,9 +283,7 @@ class StaticDecoder:
         history = self.cache.padding_history().to(attention_mask.dtype)
         logits = None
         flash = (
-            _attention_in(self._prefill_configs, FLASH_WINDOW)
-            if self._flash_prefill
-            else contextlib.nullcontext()
+            _attention_in(self._configs, FLASH_WINDOW) if self._flash_prefill else contextlib.nullcontext()
         )
         with flash:
             for start in range(0, length, chunk_size):

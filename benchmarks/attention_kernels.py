@@ -18,7 +18,6 @@ Each: CUDA events around one call, 10 warm-up calls, median of 100.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from hybridize.inference.vision_attention import BlockDiagonalMasks, packed_sdpa
 from hybridize.inference.window_attention import WindowKeys, window_attention, window_band_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import default_output, report_header  # noqa: E402
+from common import default_output, report_header, write_report  # noqa: E402
 
 WINDOW, QUERIES, HEADS, KV_HEADS, HEAD_DIM = 8192, 258, 16, 2, 128
 PATCHES, VIT_WINDOW, VIT_HEADS, VIT_HEAD_DIM = 1024, 64, 16, 80
@@ -131,9 +130,7 @@ def main(argv=None) -> None:
     report = {**report_header("attention_kernels", argv, device), "ms": {}}
     report["ms"] |= window_kernels(device)
     report["ms"] |= vit_kernels(device)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    out.with_suffix(".md").write_text(markdown(report))
+    write_report(report, out, markdown)
     print(markdown(report))
 
 

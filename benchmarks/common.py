@@ -59,6 +59,14 @@ def report_header(script: str, argv: list[str] | None, device: torch.device) -> 
     }
 
 
+def write_report(report: dict, out: Path, markdown) -> None:
+    """The report as JSON at `out` and its `markdown(report)` table beside it (rewritten after every run, so a
+    call cut short keeps what finished)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+
+
 def redraw(report_path: Path, markdown, plot) -> None:
     """Rewrite a saved report's markdown table and PNG plot beside it (`--plot-only`)."""
     report = json.loads(report_path.read_text())

@@ -34,7 +34,6 @@ and lm_head weights over the device-to-device copy bandwidth measured at the sta
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -53,7 +52,7 @@ from hybridize.mixers.cache import MixerCacheLayer
 from hybridize.presets import qwen2_5_vl_3b_config, tiny_qwen2_5_vl_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, redraw, report_header, run_setup  # noqa: E402
+from common import free, is_oom, redraw, report_header, run_setup, write_report  # noqa: E402
 
 VARIANTS = (
     "stock_eager",
@@ -542,12 +541,6 @@ def plot(report: dict, path: Path) -> bool:
     return True
 
 
-def write_outputs(report: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="3b")
@@ -613,7 +606,7 @@ def main(argv=None) -> None:
     }
 
     def save():
-        write_outputs(report, out)
+        write_report(report, out, markdown)
 
     for hybrid in (False, True):
         if any(v.startswith("hybrid" if hybrid else "stock") for v in args.variants):

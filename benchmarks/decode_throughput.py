@@ -36,7 +36,7 @@ from hybridize.inference.decode import StaticDecoder
 from hybridize.inference.static_cache import StaticHybridCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, redraw, report_header, run_setup  # noqa: E402
+from common import free, is_oom, redraw, report_header, run_setup, write_report  # noqa: E402
 from decode_latency import (  # noqa: E402
     CONFIGS,
     Clock,
@@ -259,9 +259,7 @@ def main(argv=None) -> None:
     }
 
     def save() -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
-        out.with_suffix(".md").write_text(markdown(report))
+        write_report(report, out, markdown)
 
     run(args, report, device, dtype, save)
     plot(report, out.with_suffix(".png"))

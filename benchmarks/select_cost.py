@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import free, report_header, run_setup  # noqa: E402
+from common import free, report_header, run_setup, write_report  # noqa: E402
 from train_stages import build_teacher, model_config, random_token_batches, token_limit  # noqa: E402
 
 from hybridize.selection import SelectionSettings, get_method  # noqa: E402
@@ -143,8 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         report = json.loads(args.redraw.read_text())
         for item in report["methods"]:
             item.update(extrapolate(item, report["num_layers"]))
-        args.redraw.write_text(json.dumps(report, indent=1))
-        args.redraw.with_suffix(".md").write_text(markdown(report))
+        write_report(report, args.redraw, markdown)
         return
     device, dtype, out = run_setup(args, "select_cost", args.config == "tiny")
     config = model_config(args.config, 36 if args.config == "3b" else 8)
@@ -160,9 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     for method in args.methods.split(","):
         report["methods"].append(time_method(method, teacher, batches, args, device))
         print(json.dumps(report["methods"][-1]), flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
-        out.with_suffix(".md").write_text(markdown(report))
+        write_report(report, out, markdown)
     print(markdown(report))
 
 

@@ -55,7 +55,7 @@ from hybridize.presets import (
 from hybridize.testing import held_states
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, redraw, report_header, run_setup  # noqa: E402
+from common import free, is_oom, redraw, report_header, run_setup, write_report  # noqa: E402
 
 VARIANTS = ("hybrid", "stock")
 TARGET_FPS = 60.0
@@ -533,9 +533,7 @@ def main(argv=None) -> None:
     }
 
     def save():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        out.with_suffix(".md").write_text(markdown(report))
+        write_report(report, out, markdown)
 
     for variant in args.variants:
         run_variant(args, report, variant, device, dtype, save)

@@ -70,23 +70,7 @@ def token_cross_entropy(
 
     Computed `chunk_tokens` positions at a time, each chunk recomputed in the backward pass (as the KL): the
     fp32 log-softmax of a 152K vocabulary over 32K tokens and its gradient would otherwise hold 40 GB at once."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index).reshape(
-        -1
-    )  # (B*T,); last positions predict none
-    count = (targets != ignore_index).sum()
-    if not bool(count):
-        return logits.sum() * 0  # nothing labelled in this batch: a zero loss that keeps the graph
-    flat = logits.reshape(-1, logits.shape[-1])  # (B*T, V)
-    total = flat.new_zeros((), dtype=compute_dtype(logits))
-    for start in range(0, flat.shape[0], chunk_tokens):
-        rows = slice(start, start + chunk_tokens)
-        if flat.requires_grad:
-            total = total + checkpoint(
-                _summed_cross_entropy, flat[rows], targets[rows], ignore_index, use_reentrant=False
-            )
-        else:
-            total = total + _summed_cross_entropy(flat[rows], targets[rows], ignore_index)
-    return total / count
+    return head_cross_entropy(logits, torch.nn.Identity(), labels, ignore_index, chunk_tokens)
 
 
 def _summed_head_cross_entropy(

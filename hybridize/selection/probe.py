@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hybridize.converters.discovery import attention_spec, find_decoder_layout
+from hybridize.evaluation.metrics import answer_positions
 from hybridize.lightning_modules.losses import masked_mse, token_cross_entropy
 from hybridize.lightning_modules.teacher import DistilledLayer
 from hybridize.mixers.masks import key_padding_mask
@@ -116,7 +117,7 @@ def answer_nll(model: nn.Module, batches: Iterable[Mapping], device: torch.devic
     total, count = 0.0, 0
     for batch in batches:
         labels = batch["labels"].to(device)
-        tokens = int((labels[:, 1:] != -100).sum())
+        tokens = int(answer_positions(labels).sum())
         if tokens:
             logits = model(**model_inputs(batch, device), use_cache=False).logits
             total += float(token_cross_entropy(logits, labels)) * tokens

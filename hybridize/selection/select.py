@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from hybridize.converters.convert import convert
 from hybridize.converters.discovery import find_decoder_layout
 from hybridize.converters.plan import plan_layers
+from hybridize.evaluation.metrics import answer_positions
 from hybridize.selection.methods import get_method
 from hybridize.selection.probe import attach_probes, token_count
 
@@ -367,13 +368,6 @@ class SelectionRun:
         release_memory()
         self.record["distilled_kl"][key] = total / max(count, 1.0)
         return self.record["distilled_kl"][key]
-
-
-def answer_positions(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: the positions whose logits predict a labelled (answer) token, labels[t + 1] != -100."""
-    positions = torch.zeros_like(labels, dtype=torch.bool)
-    positions[:, :-1] = labels[:, 1:] != -100
-    return positions
 
 
 def release_memory() -> None:

@@ -96,11 +96,11 @@ class GatedDeltaNetMixer(TokenMixer):
         self.dt_bias = nn.Parameter(torch.empty(heads))
         self.A_log._no_weight_decay = True
         self.dt_bias._no_weight_decay = True
-        self.q_conv1d = ShortConvolution(key_dim, config.conv_size)
-        self.k_conv1d = ShortConvolution(key_dim, config.conv_size)
-        self.v_conv1d = ShortConvolution(value_dim, config.conv_size)
+        self.q_conv1d = ShortConvolution(key_dim, config.conv_size, backend=config.backend)
+        self.k_conv1d = ShortConvolution(key_dim, config.conv_size, backend=config.backend)
+        self.v_conv1d = ShortConvolution(value_dim, config.conv_size, backend=config.backend)
         self.g_proj = nn.Linear(hidden, value_dim, bias=False)
-        self.o_norm = GatedRMSNorm(self.head_v_dim, config.norm_eps)
+        self.o_norm = GatedRMSNorm(self.head_v_dim, config.norm_eps, backend=config.backend)
         self.o_proj = nn.Linear(value_dim, hidden, bias=False)
         self.reset_parameters()
 
@@ -180,9 +180,10 @@ class GatedDeltaNetMixer(TokenMixer):
         )
 
         q, k, v, a, b, gate = self.project_inputs(hidden_states)
-        q, conv_q = self.q_conv1d(q, states.get("conv_q"), cu_seqlens)
-        k, conv_k = self.k_conv1d(k, states.get("conv_k"), cu_seqlens)
-        v, conv_v = self.v_conv1d(v, states.get("conv_v"), cu_seqlens)
+        keep = slot is not None
+        q, conv_q = self.q_conv1d(q, states.get("conv_q"), cu_seqlens, output_state=keep)
+        k, conv_k = self.k_conv1d(k, states.get("conv_k"), cu_seqlens, output_state=keep)
+        v, conv_v = self.v_conv1d(v, states.get("conv_v"), cu_seqlens, output_state=keep)
         # (B, T, H*D) -> (B, T, H, D)
         q = q.view(batch, length, self.num_heads, self.head_k_dim)
         k = k.view(batch, length, self.num_heads, self.head_k_dim)

@@ -95,14 +95,16 @@ class GLAMixer(TokenMixer):
         self.v_proj = nn.Linear(hidden, value_dim, bias=False)
         self.g_proj = nn.Linear(hidden, value_dim, bias=False)
         if config.use_short_conv:
-            self.q_conv1d = ShortConvolution(key_dim, config.conv_size)
-            self.k_conv1d = ShortConvolution(key_dim, config.conv_size)
-            self.v_conv1d = ShortConvolution(value_dim, config.conv_size)
+            self.q_conv1d = ShortConvolution(key_dim, config.conv_size, backend=config.backend)
+            self.k_conv1d = ShortConvolution(key_dim, config.conv_size, backend=config.backend)
+            self.v_conv1d = ShortConvolution(value_dim, config.conv_size, backend=config.backend)
         self.gk_proj = nn.Sequential(
             nn.Linear(hidden, config.gate_low_rank_dim, bias=False),
             nn.Linear(config.gate_low_rank_dim, key_dim, bias=True),
         )
-        self.g_norm_swish_gate = GatedRMSNorm(self.head_v_dim, config.norm_eps, norm_before_gate=True)
+        self.g_norm_swish_gate = GatedRMSNorm(
+            self.head_v_dim, config.norm_eps, norm_before_gate=True, backend=config.backend
+        )
         self.o_proj = nn.Linear(value_dim, hidden, bias=False)
         self.reset_parameters()
 
@@ -163,9 +165,10 @@ class GLAMixer(TokenMixer):
 
         q, k, v, gate = self.project_inputs(hidden_states)
         if self.config.use_short_conv:
-            q, conv_q = self.q_conv1d(q, states.get("conv_q"), cu_seqlens)
-            k, conv_k = self.k_conv1d(k, states.get("conv_k"), cu_seqlens)
-            v, conv_v = self.v_conv1d(v, states.get("conv_v"), cu_seqlens)
+            keep = slot is not None
+            q, conv_q = self.q_conv1d(q, states.get("conv_q"), cu_seqlens, output_state=keep)
+            k, conv_k = self.k_conv1d(k, states.get("conv_k"), cu_seqlens, output_state=keep)
+            v, conv_v = self.v_conv1d(v, states.get("conv_v"), cu_seqlens, output_state=keep)
         # (B, T, H*D) -> (B, T, H, D)
         q = q.view(batch, length, self.num_heads, self.head_k_dim)
         k = k.view(batch, length, self.num_heads, self.head_k_dim)

@@ -112,7 +112,11 @@ class Mamba2Mixer(TokenMixer):
         self.in_proj = nn.Linear(
             spec.hidden_size, self.inner_size + self.conv_dim + self.num_heads, bias=False
         )
-        self.conv1d = ShortConvolution(self.conv_dim, config.conv_size, bias=config.conv_bias)
+        # the convolution has fla's kernel only (mamba-ssm's needs the causal-conv1d package)
+        conv_backend = "torch" if config.backend == "torch" else "auto"
+        self.conv1d = ShortConvolution(
+            self.conv_dim, config.conv_size, bias=config.conv_bias, backend=conv_backend
+        )
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
         self.A_log = nn.Parameter(torch.empty(self.num_heads))
         self.D = nn.Parameter(torch.empty(self.num_heads))
@@ -124,6 +128,7 @@ class Mamba2Mixer(TokenMixer):
             config.norm_eps,
             norm_before_gate=False,
             group_size=self.inner_size // self.num_groups,
+            backend=conv_backend,
         )
         self.out_proj = nn.Linear(self.inner_size, spec.hidden_size, bias=False)
         self.reset_parameters()
@@ -187,7 +192,7 @@ class Mamba2Mixer(TokenMixer):
         z, xBC, dt = self.in_proj(hidden_states).split(
             [self.inner_size, self.conv_dim, self.num_heads], dim=-1
         )
-        xBC, conv_state = self.conv1d(xBC, states.get("conv"), cu_seqlens)
+        xBC, conv_state = self.conv1d(xBC, states.get("conv"), cu_seqlens, output_state=slot is not None)
         x, Bm, Cm = xBC.split([self.inner_size, self.group_dim, self.group_dim], dim=-1)
         dtype = compute_dtype(hidden_states)
         dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))

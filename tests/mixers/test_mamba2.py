@@ -134,7 +134,7 @@ def test_prefill_in_pieces_with_cache_equals_one_pass():
     slot = cache.layers[1]
     assert isinstance(slot, MixerCacheLayer) and slot.get_seq_length() == 23
     assert slot.states["ssm"].shape == (2, 4, 8, 16) and slot.states["ssm"].dtype == torch.float32
-    assert slot.states["conv"].shape == (2, 64 + 2 * 2 * 8, 3)
+    assert slot.states["conv"].shape == (2, 64 + 2 * 2 * 8, 4)  # the last conv_size inputs
     assert relative_rms(whole, torch.cat(pieces, dim=1)) < 1e-5
 
 

@@ -466,18 +466,19 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_teacher_forward(module: EndToEndDistillation, device: torch.device) -> list[float]:
-    """From now on, the wall time of every teacher forward of stage 1b (CUDA synchronised around it)."""
-    seconds, forward = [], module.teacher_logits
+    """From now on, the wall time of every teacher forward of stage 1b (CUDA synchronised around it), up to its
+    last hidden states where its head runs inside the loss (`head_distillation_kl`)."""
+    seconds, forward = [], module.teacher_features
 
     def timed(*args, **kwargs):
         synchronize(device)
         start = time.perf_counter()
-        logits = forward(*args, **kwargs)
+        features = forward(*args, **kwargs)
         synchronize(device)
         seconds.append(time.perf_counter() - start)
-        return logits
+        return features
 
-    module.teacher_logits = timed
+    module.teacher_features = timed
     return seconds
 
 

@@ -1,7 +1,14 @@
 """The training stages as Lightning modules (recipes), their data module and the pieces they share."""
 
 from hybridize.lightning_modules.distillation import EndToEndDistillation, LayerwiseDistillation
-from hybridize.lightning_modules.losses import distillation_kl, masked_mean, masked_mse, token_cross_entropy
+from hybridize.lightning_modules.losses import (
+    distillation_kl,
+    head_cross_entropy,
+    head_distillation_kl,
+    masked_mean,
+    masked_mse,
+    token_cross_entropy,
+)
 from hybridize.lightning_modules.sft import LongSequenceSFT, SupervisedFineTuning
 from hybridize.lightning_modules.stage import (
     TRAINABLE_PRESETS,
@@ -35,6 +42,8 @@ __all__ = [
     "detach_teacher",
     "distillation_kl",
     "distillation_mode",
+    "head_cross_entropy",
+    "head_distillation_kl",
     "masked_mean",
     "masked_mse",
     "parameter_table",

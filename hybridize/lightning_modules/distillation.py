@@ -8,15 +8,16 @@ attention modules are kept beside their mixers, so the shared frozen weights exi
    teacher attention's output; later layers keep receiving the teacher's activations.
 1b `EndToEndDistillation`: the teacher's logits (hybrid in "teacher" mode, no grad) against the student's
    (hybrid in "student" mode): KL(teacher || student) at a temperature, averaged over real tokens, plus an
-   optional cross-entropy term.
+   optional cross-entropy term. Both models' last hidden states go to the loss, which runs the output head on
+   a chunk of positions at a time (`head_distillation_kl`): no (T, vocab) logits are held.
 
-Neither forward projects more positions onto the vocabulary than its loss reads (`logits_to_keep`): 1a reads
-no logits, and 1b's KL reads only the positions of real tokens (image placeholders can be most of a sample).
+Neither model projects more positions onto the vocabulary than its loss reads: 1a reads no logits
+(`logits_to_keep`), and 1b's KL reads only the positions of real tokens (image placeholders can be most of a
+sample).
 """
 
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
 
 import torch
@@ -24,8 +25,14 @@ from torch import nn
 
 from hybridize.converters.checkpoint import load_base_model
 from hybridize.converters.hybrid_model import PLAN_KEY
-from hybridize.lightning_modules.losses import distillation_kl, token_cross_entropy
-from hybridize.lightning_modules.stage import CONVERTED, HybridStage, parameter_categories
+from hybridize.lightning_modules.losses import head_cross_entropy, head_distillation_kl
+from hybridize.lightning_modules.stage import (
+    CONVERTED,
+    HybridStage,
+    last_features,
+    logits_kept,
+    parameter_categories,
+)
 from hybridize.lightning_modules.teacher import attach_teacher, distillation_mode, teacher_detached
 
 
@@ -51,14 +58,6 @@ def check_shared_weights(hybrid: nn.Module, teacher: nn.Module) -> None:
             f"{len(shared)} shared weights differ (e.g. {(different or ['none shared'])[0]}). Set model.teacher "
             "to the base model given to `hybridize convert` (and the same dtype)."
         )
-
-
-def logits_kept(model: nn.Module, positions: int | torch.Tensor) -> dict:
-    """The forward keyword that projects only `positions` onto the vocabulary (an int: that many last
-    positions; a 1-D tensor: these positions), or nothing for a model whose forward does not take it."""
-    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
-        return {}
-    return {"logits_to_keep": positions}
 
 
 def valid_positions(valid: torch.Tensor) -> torch.Tensor | None:
@@ -185,33 +184,36 @@ class EndToEndDistillation(DistillationStage):
             valid = valid & (batch["input_ids"] != token_id)
         return valid
 
-    def teacher_logits(self, inputs: dict, **head) -> torch.Tensor:
-        """The teacher's logits (the hybrid in "teacher" mode): no gradients, no cache."""
+    def teacher_features(
+        self, inputs: dict, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, nn.Module]:
+        """The teacher's `last_features` (the hybrid in "teacher" mode): no gradients, no cache."""
         with distillation_mode(self.hybrid, "teacher"), torch.no_grad():
-            return self.hybrid(**inputs, use_cache=False, **head).logits
+            return last_features(self.hybrid, inputs, self.training_strategy, positions)
 
     def teacher_student_kl(
         self, batch: dict, valid: torch.Tensor, *, every_position: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, nn.Module]]:
         """KL(teacher || student) at the stage's temperature over the `valid` (B, T) positions, and the student's
-        logits: of those positions only (the head projects no others), or of every position if asked."""
+        `last_features` (features, head): of those positions only, or of every position if asked. The heads run
+        inside the loss, a chunk of positions at a time, where they can (`head_distillation_kl`)."""
         inputs = self.model_inputs(batch)
         positions = None if every_position else valid_positions(valid)
-        head = {} if positions is None else logits_kept(self.hybrid, positions)
-        if head:
+        if positions is not None:
             valid = valid[:, positions]
-        teacher_logits = self.teacher_logits(inputs, **head)  # (B, T or kept positions, V)
+        teacher, head = self.teacher_features(inputs, positions)  # (B, T or kept positions, hidden or V)
         with distillation_mode(self.hybrid, "student"):
-            student_logits = self.hybrid(**inputs, use_cache=False, **head).logits
-        return distillation_kl(student_logits, teacher_logits, valid, self.temperature), student_logits
+            student, _ = last_features(self.hybrid, inputs, self.training_strategy, positions)
+        kl = head_distillation_kl(student, teacher, head, valid, self.temperature)
+        return kl, (student, head)
 
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        # The KL reads only positions with real tokens; the CE term needs the logits of every position.
-        kl, student_logits = self.teacher_student_kl(
+        # The KL reads only positions with real tokens; the CE term needs every position.
+        kl, (student, head) = self.teacher_student_kl(
             batch, self.valid_tokens(batch), every_position=bool(self.ce_weight)
         )
         losses = {"loss": kl, "kl": kl}
         if self.ce_weight:
-            ce = token_cross_entropy(student_logits, batch["labels"])
+            ce = head_cross_entropy(student, head, batch["labels"])
             losses.update(ce=ce, loss=kl + self.ce_weight * ce)
         return losses

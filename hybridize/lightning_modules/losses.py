@@ -30,6 +30,14 @@ def _token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     return (teacher.exp() * (teacher - student)).sum(-1)
 
 
+def _head_token_kl(
+    student: torch.Tensor, teacher: torch.Tensor, head: torch.nn.Module, temperature: float
+) -> torch.Tensor:
+    with torch.no_grad():
+        teacher_logits = head(teacher)
+    return _token_kl(head(student), teacher_logits, temperature)
+
+
 def distillation_kl(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -42,16 +50,35 @@ def distillation_kl(
 
     Computed `chunk_tokens` tokens at a time, each chunk recomputed in the backward pass: the fp32 softmaxes of
     a 152K vocabulary over 8K tokens would otherwise hold ~30 GB at once."""
-    vocab = student_logits.shape[-1]
-    student, teacher = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+    return head_distillation_kl(
+        student_logits, teacher_logits, torch.nn.Identity(), valid, temperature, chunk_tokens
+    )
+
+
+def head_distillation_kl(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    head: torch.nn.Module,
+    valid: torch.Tensor | None,
+    temperature: float = 2.0,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
+    """`distillation_kl` of the logits `head(student_hidden)` and `head(teacher_hidden)` ((B, T, hidden): the last
+    normed hidden states of each), without ever holding them: `chunk_tokens` positions go through the head (the
+    teacher's without gradients) and the KL at a time, recomputed in the backward pass. At 64K tokens and a 152K
+    vocabulary the two models' bf16 logits and the student's gradient would be 60 GB."""
+    student = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     weights = torch.ones(student.shape[0], device=student.device) if valid is None else valid.reshape(-1)
-    total = student.new_zeros((), dtype=compute_dtype(student_logits))
+    total = student.new_zeros((), dtype=compute_dtype(student))
     for start in range(0, student.shape[0], chunk_tokens):
         rows = slice(start, start + chunk_tokens)
-        if student.requires_grad:
-            per_token = checkpoint(_token_kl, student[rows], teacher[rows], temperature, use_reentrant=False)
+        if torch.is_grad_enabled() and student.requires_grad:
+            per_token = checkpoint(
+                _head_token_kl, student[rows], teacher[rows], head, temperature, use_reentrant=False
+            )
         else:
-            per_token = _token_kl(student[rows], teacher[rows], temperature)
+            per_token = _head_token_kl(student[rows], teacher[rows], head, temperature)
         total = total + (per_token * weights[rows]).sum()
     return total / weights.sum().clamp(min=1) * temperature**2
 

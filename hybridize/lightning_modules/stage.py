@@ -9,6 +9,7 @@ last recorded stage is the one it follows (`previous_stage`) and that the plan i
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections import defaultdict
@@ -34,7 +35,7 @@ from hybridize.converters.checkpoint import (
 from hybridize.converters.discovery import find_decoder_layout, use_attention_implementation
 from hybridize.converters.hybrid_model import PLAN_KEY
 from hybridize.converters.plan import LayerPlan, plan_layers, read_plan_file
-from hybridize.lightning_modules.losses import head_cross_entropy, token_cross_entropy
+from hybridize.lightning_modules.losses import head_cross_entropy
 from hybridize.lightning_modules.packing import packed_position_ids
 from hybridize.mixers.base import TokenMixer
 from hybridize.mixers.flash_window import FLASH_WINDOW
@@ -188,17 +189,41 @@ def head_is_last(model: nn.Module) -> bool:
     )
 
 
-def next_token_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, strategy=None) -> torch.Tensor:
-    """Cross-entropy of `labels` for a model (a peft wrapper too) on `inputs`. Where the logits are the output
-    head's, as they are (`head_is_last`), the head and the loss run in chunks over the model's last hidden
-    states (`head_cross_entropy`: no (T, vocab) logits are held); else, and under sharding strategies (whose head
-    weights exist only inside the model's own forward), over the model's logits."""
+def last_features(
+    model: nn.Module, inputs: dict, strategy=None, positions: torch.Tensor | None = None
+) -> tuple[torch.Tensor, nn.Module]:
+    """What a loss over the vocabulary reads from a model (a peft wrapper too) on `inputs`: (features, head) with
+    logits = head(features). Where the logits are the output head's, as they are (`head_is_last`), the features
+    are the inner model's last hidden states and the head is the output head, to run in chunks inside the loss
+    (no (T, vocab) logits held); else, and under sharding strategies (whose head weights exist only inside the
+    model's own forward), the model's logits and an identity. positions (1-D): only these positions are kept."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     unsharded = strategy is None or isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
     if unsharded and head_is_last(base):
         hidden_states = getattr(base, base.base_model_prefix)(**inputs, use_cache=False).last_hidden_state
-        return head_cross_entropy(hidden_states, base.get_output_embeddings(), labels)
-    return token_cross_entropy(model(**inputs, use_cache=False).logits, labels)
+        if positions is not None:
+            hidden_states = hidden_states[:, positions]
+        return hidden_states, base.get_output_embeddings()
+    kept = {} if positions is None else logits_kept(model, positions)
+    logits = model(**inputs, use_cache=False, **kept).logits
+    if positions is not None and not kept:  # a forward without logits_to_keep projected every position
+        logits = logits[:, positions]
+    return logits, nn.Identity()
+
+
+def logits_kept(model: nn.Module, positions: int | torch.Tensor) -> dict:
+    """The forward keyword that projects only `positions` onto the vocabulary (an int: that many last
+    positions; a 1-D tensor: these positions), or nothing for a model whose forward does not take it."""
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return {}
+    return {"logits_to_keep": positions}
+
+
+def next_token_loss(model: nn.Module, inputs: dict, labels: torch.Tensor, strategy=None) -> torch.Tensor:
+    """Cross-entropy of `labels` for a model (a peft wrapper too) on `inputs`, over `last_features` (the head and
+    the loss in chunks where the head can run outside the forward)."""
+    features, head = last_features(model, inputs, strategy)
+    return head_cross_entropy(features, head, labels)
 
 
 class HybridStage(L.LightningModule):
@@ -330,8 +355,12 @@ class HybridStage(L.LightningModule):
     # --- the loop -------------------------------------------------------------------------------------
     def next_token_loss(self, batch: dict) -> torch.Tensor:
         """Cross-entropy of the batch's labels (`next_token_loss`)."""
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        return next_token_loss(self.hybrid, self.model_inputs(batch), batch["labels"], strategy)
+        return next_token_loss(self.hybrid, self.model_inputs(batch), batch["labels"], self.training_strategy)
+
+    @property
+    def training_strategy(self):
+        """The Lightning strategy this stage trains under (None outside a Trainer)."""
+        return self._trainer.strategy if self._trainer is not None else None
 
     def model_inputs(self, batch: dict) -> dict:
         inputs = {key: value for key, value in batch.items() if key != "labels"}

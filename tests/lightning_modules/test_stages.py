@@ -19,6 +19,7 @@ from hybridize.lightning_modules import (
     detach_teacher,
     distillation_kl,
     distillation_mode,
+    head_distillation_kl,
     token_cross_entropy,
 )
 from hybridize.lightning_modules.stage import head_is_last
@@ -135,34 +136,64 @@ def test_kl_ignores_padding():
 
 
 def test_end_to_end_heads_project_only_real_tokens_with_the_loss_unchanged():
-    """Positions that are padding (or an ignored id) in every row leave both forwards' heads; the KL and its
-    gradients are those over every position's logits."""
-    hybrid, teacher, _ = converted(seed=2)
+    """Positions that are padding (or an ignored id) in every row never reach either model's head, which runs
+    inside the loss on the last hidden states; the KL and its gradients are those of the plain formula over every
+    position's logits (both models' whole forwards); with a CE term too."""
     batch = batches(1, seed=2)[0]  # (4, 24), row 0 right-padded by 5
     batch["attention_mask"][:, -3:] = 0  # the last 3 positions are padding in every row
     batch["input_ids"][:, 4] = 7  # an ignored id in every row at position 4, and in row 1 at position 9
     batch["input_ids"][1, 9] = 7
-    module = EndToEndDistillation(
-        hybrid.double(), teacher=teacher.double(), previous_stage=None, ignore_token_ids=[7]
-    )
-    projected = []  # positions the head sees, per forward
-    head = module.hybrid.get_output_embeddings()
-    hook = head.register_forward_hook(lambda _m, args, _out: projected.append(args[0].shape[1]))
-    loss = module.losses(batch)["loss"]
-    hook.remove()
-    assert projected == [20, 20]  # 24 minus the 3 padded and the ignored position 4 (9 is real in 3 rows)
-    trainable = [p for p in module.hybrid.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss, trainable)
-    inputs = module.model_inputs(batch)
-    teacher_logits = module.teacher_logits(inputs)
-    with distillation_mode(module.hybrid, "student"):
-        student_logits = module.hybrid(**inputs, use_cache=False).logits
-    reference = distillation_kl(
-        student_logits, teacher_logits, module.valid_tokens(batch), module.temperature
-    )
-    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-14)
-    for grad, reference_grad in zip(grads, torch.autograd.grad(reference, trainable), strict=True):
-        torch.testing.assert_close(grad, reference_grad, rtol=1e-10, atol=1e-14)
+    for ce_weight in (0.0, 0.5):
+        hybrid, teacher, _ = converted(seed=2)
+        module = EndToEndDistillation(
+            hybrid.double(),
+            teacher=teacher.double(),
+            previous_stage=None,
+            ignore_token_ids=[7],
+            ce_weight=ce_weight,
+        )
+        projected = []  # positions the head sees, per call
+        head = module.hybrid.get_output_embeddings()
+        hook = head.register_forward_hook(
+            lambda _m, args, _out, seen=projected: seen.append(args[0].shape[:-1].numel())
+        )
+        losses = module.losses(batch)
+        hook.remove()
+        # the teacher's then the student's head, on 4 rows x 20 positions (24 minus the 3 padded and the ignored
+        # position 4; 9 is real in 3 rows), or on every position for the CE term
+        assert projected == ([80, 80] if not ce_weight else [96, 96, 96])
+        trainable = [p for p in module.hybrid.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(losses["loss"], trainable)
+        inputs = module.model_inputs(batch)
+        with torch.no_grad(), distillation_mode(module.hybrid, "teacher"):
+            teacher_logits = module.hybrid(**inputs, use_cache=False).logits
+        with distillation_mode(module.hybrid, "student"):
+            student_logits = module.hybrid(**inputs, use_cache=False).logits
+        reference = distillation_kl(
+            student_logits, teacher_logits, module.valid_tokens(batch), module.temperature
+        )
+        if ce_weight:
+            reference = reference + ce_weight * token_cross_entropy(student_logits, batch["labels"])
+        torch.testing.assert_close(losses["loss"], reference, rtol=1e-12, atol=1e-14)
+        for grad, reference_grad in zip(grads, torch.autograd.grad(reference, trainable), strict=True):
+            torch.testing.assert_close(grad, reference_grad, rtol=1e-10, atol=1e-14)
+
+
+def test_head_kl_has_the_values_and_gradients_of_the_logits_kl():
+    """`head_distillation_kl` over hidden states and a head, chunked, equals `distillation_kl` over the head's
+    logits, and the teacher's side gets no gradient."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 13, bias=False).double()
+    student = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 7, 6, dtype=torch.float64)
+    valid = torch.rand(3, 7) > 0.3
+    chunked = head_distillation_kl(student, teacher, head, valid, 2.0, chunk_tokens=4)
+    grads = torch.autograd.grad(chunked, [student, head.weight])
+    reference = distillation_kl(head(student), head(teacher).detach(), valid, 2.0)
+    expected = torch.autograd.grad(reference, [student, head.weight])
+    torch.testing.assert_close(chunked, reference, rtol=1e-12, atol=1e-14)
+    for grad, reference_grad in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad, reference_grad, rtol=1e-12, atol=1e-14)
 
 
 def test_layerwise_stage_projects_one_position():

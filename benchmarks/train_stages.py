@@ -76,7 +76,7 @@ from hybridize.lightning_modules import (
     select_trainable,
 )
 from hybridize.lightning_modules.data.collation import collate
-from hybridize.lightning_modules.sft import lora_target_modules
+from hybridize.lightning_modules.sft import adapters_follow_autocast, lora_target_modules
 from hybridize.lightning_modules.stage import next_token_loss
 from hybridize.mixers.ops.backends import fla_available
 from hybridize.presets import qwen2_5_vl_3b_config, tiny_qwen2_5_vl_config
@@ -192,6 +192,9 @@ class StockTraining(L.LightningModule):
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
+
+    def setup(self, stage: str) -> None:
+        adapters_follow_autocast(self.model, self.trainer.precision)  # as stage 3 does
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         inputs = {key: value for key, value in batch.items() if key != "labels"}

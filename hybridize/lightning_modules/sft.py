@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from hybridize.converters.discovery import find_decoder_layout
@@ -53,6 +54,16 @@ def lora_target_modules(model: nn.Module, names: list[str] | None) -> list[str]:
     return targets
 
 
+def adapters_follow_autocast(model: nn.Module, precision: str) -> None:
+    """Under mixed precision ("bf16-mixed", "16-mixed"), LoRA layers take their input as it comes (bf16) instead
+    of casting it to their fp32 weights' dtype first (peft's default): autocast casts it back to bf16 for the
+    matrix product anyway, so the cast only made an fp32 copy of every adapted layer's input, and its dropout ran
+    in fp32. Same values (the dropout's random mask aside); elsewhere the cast stays."""
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = not str(precision).endswith("-mixed")
+
+
 class LongSequenceSFT(SupervisedFineTuning):
     """Stage 3: LoRA adapters on the decoder's linear layers, trained on long (packed) samples, merged at export."""
 
@@ -85,6 +96,9 @@ class LongSequenceSFT(SupervisedFineTuning):
     def prepare_model(self) -> None:
         self._lora.target_modules = lora_target_modules(self.hybrid, self._lora_targets)
         self.hybrid = get_peft_model(self.hybrid, self._lora)
+
+    def setup(self, stage: str) -> None:
+        adapters_follow_autocast(self.hybrid, self.trainer.precision)
 
     @contextmanager
     def exporting(self):

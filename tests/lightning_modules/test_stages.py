@@ -7,6 +7,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 import hybridize
 from hybridize.converters import read_plan, save_hybrid
@@ -22,6 +23,7 @@ from hybridize.lightning_modules import (
     head_distillation_kl,
     token_cross_entropy,
 )
+from hybridize.lightning_modules.sft import adapters_follow_autocast
 from hybridize.lightning_modules.stage import head_is_last
 from hybridize.lightning_modules.teacher import distilled_layers
 from hybridize.mixers import TokenMixer
@@ -257,6 +259,40 @@ def test_the_head_in_chunks_gives_the_logits_loss_and_gradients(stage, model_typ
         torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-12)
     module.hybrid.config.get_text_config().final_logit_softcapping = 30.0
     assert not head_is_last(module.hybrid.get_base_model() if stage is LongSequenceSFT else module.hybrid)
+
+
+def test_lora_layers_take_their_input_as_autocast_gives_it():
+    """Under mixed precision stage 3's LoRA layers skip peft's cast of their input to the adapters' fp32 dtype (an
+    fp32 copy of every adapted layer's input, which autocast casts back to bf16 for the product). Under autocast
+    the loss and the adapters' gradients are those of the casting path to the bit (no dropout), and adapters see
+    bf16 inputs where the layers before give bf16. The Trainer sets it up for "bf16-mixed", not for "32-true"."""
+    hybrid, _, _ = converted(seed=6)
+    module = LongSequenceSFT(hybrid, previous_stage=None, lora_dropout=0.0)
+    adapters = [m for m in module.hybrid.modules() if isinstance(m, BaseTunerLayer)]
+    batch = batches(1, seed=6)[0]
+    parameters = [p for p in module.hybrid.parameters() if p.requires_grad]
+    seen = []
+    hooks = [
+        m.lora_A["default"].register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+        for m in adapters
+    ]
+    results = {}
+    for precision in ("32-true", "bf16-mixed"):
+        adapters_follow_autocast(module.hybrid, precision)
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module.next_token_loss(batch)
+        results[precision] = loss, torch.autograd.grad(loss, parameters), set(seen)
+    for hook in hooks:
+        hook.remove()
+    (cast_loss, cast_grads, cast_dtypes), (loss, grads, dtypes) = results["32-true"], results["bf16-mixed"]
+    assert cast_dtypes == {torch.float32} and torch.bfloat16 in dtypes
+    assert torch.equal(loss, cast_loss)
+    for grad, cast_grad in zip(grads, cast_grads, strict=True):
+        assert torch.equal(grad, cast_grad)
+    for precision in ("bf16-mixed", "32-true"):
+        fit(module, 1, batches(1, seed=7), precision=precision)
+        assert all(m.cast_input_dtype_enabled == (precision == "32-true") for m in adapters)
 
 
 def test_kl_is_zero_for_identical_logits_and_masks_tokens():

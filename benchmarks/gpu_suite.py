@@ -1,13 +1,15 @@
 """Every GPU test and check in one command (one device call): CI has no GPU, so this is how they run.
 
     python benchmarks/gpu_suite.py [--out benchmarks/results/gpu_suite_<card>.json] [--skip-checks | --checks-only]
+                                   [--cuda-only]
 
 On an H100 the pytest part takes about 6 minutes (fla's first calls autotune) and the checks several more: within
 the device tool's 10-minute calls, run `--skip-checks` in one call and `--checks-only` in the next.
 
 1. The whole pytest suite on the CUDA machine: the CUDA-only tests (fla kernels against the references, CUDA-graph
    decode and streaming, flash window attention, bf16 attention) run there and nowhere else; the CPU tests run
-   too, on that machine's transformers.
+   too, on that machine's transformers. `--cuda-only`: only the tests marked `cuda` (`python -m pytest -m cuda`,
+   every test that needs a CUDA device), a few minutes where the whole suite takes six.
 2. `check_kernels.py` (every fla path against the PyTorch references in bf16, fla's tolerances) and
    `check_gpu_model.py` (whole converted models), each writing its own report beside this one.
 Writes a dated report (command, card, versions, pytest counts and the names of the CUDA tests that ran, each
@@ -60,6 +62,9 @@ def main() -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--skip-checks", action="store_true", help="pytest only, not the two check scripts")
     which.add_argument("--checks-only", action="store_true", help="the two check scripts only, not pytest")
+    parser.add_argument(
+        "--cuda-only", action="store_true", help="pytest runs only the tests marked cuda, not the whole suite"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_suite.py runs the CUDA tests: it needs a CUDA device.")
@@ -69,7 +74,7 @@ def main() -> None:
     report = report_header("gpu_suite", None, device)
     failed = False
     if not args.checks_only:
-        failed |= run_pytest(report, out)
+        failed |= run_pytest(report, out, cuda_only=args.cuda_only)
     if not args.skip_checks:
         report["checks"] = {}
         for script in ("check_kernels", "check_gpu_model"):
@@ -86,20 +91,24 @@ def main() -> None:
     sys.exit(1 if failed else 0)
 
 
-def run_pytest(report: dict, out: Path) -> bool:
-    """The whole suite; its counts, the CUDA tests that passed and those skipped for want of CUDA go in the
-    report. True when anything failed."""
+def run_pytest(report: dict, out: Path, cuda_only: bool = False) -> bool:
+    """The whole suite (or the tests marked cuda); its counts, the CUDA tests that passed and those skipped for
+    want of CUDA go in the report. True when anything failed."""
     # -rA lists every test's outcome, so the report can name the CUDA tests (they skip everywhere else)
+    selection = ["-m", "cuda"] if cuda_only else []
     code, output = run(
-        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider"],
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *selection],
         out.with_suffix(".pytest.log"),
     )
+    report["pytest_selection"] = "tests marked cuda" if cuda_only else "the whole suite"
     passed = [line.split(" ", 1)[1] for line in output.splitlines() if line.startswith("PASSED ")]
     skipped = [line for line in output.splitlines() if line.startswith("SKIPPED ")]
     report["pytest"] = {
         "exit_code": code,
         "counts": pytest_counts(output),
-        "cuda_tests_passed": [name for name in passed if any(word in name for word in CUDA_WORDS)],
+        "cuda_tests_passed": passed
+        if cuda_only
+        else [name for name in passed if any(word in name for word in CUDA_WORDS)],
         "skipped_for_want_of_cuda": [line for line in skipped if any(m in line for m in CUDA_MARKERS)],
     }
     return code != 0

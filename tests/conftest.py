@@ -13,7 +13,19 @@ from PIL import Image
 
 import hybridize  # noqa: F401  (registers the hybrid Auto classes)
 from hybridize.converters import convert, plan_layers
+from hybridize.mixers.ops.backends import fla_available
 from hybridize.presets import tiny_qwen2_5_vl
+
+
+def needs_cuda(reason: str = "needs a CUDA device", *, fla: bool = False):
+    """Mark a test (function or class) that runs only on a CUDA device, with fla's kernels if `fla`: skipped
+    elsewhere, and selected by `python -m pytest -m cuda` (what `benchmarks/gpu_suite.py --cuda-only` runs)."""
+    available = fla_available() if fla else torch.cuda.is_available()
+
+    def mark(test):
+        return pytest.mark.cuda(pytest.mark.skipif(not available, reason=reason)(test))
+
+    return mark
 
 
 def relative_rms(reference: torch.Tensor, value: torch.Tensor) -> float:

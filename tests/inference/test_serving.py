@@ -13,7 +13,7 @@ from hybridize.inference.chat import chat_inputs
 from hybridize.inference.decode import StaticDecoder
 from hybridize.inference.serving import Request, serve
 from hybridize.inference.static_cache import StaticHybridCache
-from tests.conftest import make_image
+from tests.conftest import make_image, needs_cuda
 from tests.inference.test_static_decode import TEXT_PLANS, fp64, text_hybrid
 
 pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
@@ -103,7 +103,7 @@ def test_admit_and_release_check_their_row(tiny_hybrid):
     assert decoder.cache.free_rows == [0, 1]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda("needs CUDA")
 def test_admission_into_captured_graph_matches_eager(tiny_hybrid):
     """Requests admitted after the decode step was captured: the replayed graph gives the eager step's tokens
     (fp32 on the GPU, fla kernels where installed), and the graph is never captured again."""

@@ -20,6 +20,7 @@ from hybridize.inference.decode import (
 )
 from hybridize.inference.static_cache import FULL, LINEAR, SLIDING, StaticHybridCache
 from hybridize.presets import tiny_model, tiny_qwen2_5_vl
+from tests.conftest import needs_cuda
 from tests.inference.test_generation import left_padded_image_batch
 
 pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
@@ -198,7 +199,7 @@ def test_bad_inputs_fail_before_any_work(llama_hybrid):
         StaticDecoder(llama_hybrid, cache, cuda_graph=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda("needs CUDA")
 def test_cuda_graph_decode_matches_eager(tiny_hybrid, vl_inputs):
     """The captured step replays to the eager step's tokens (fp32 on the GPU, fla kernels where installed)."""
     model = copy.deepcopy(tiny_hybrid).cuda().float()
@@ -233,7 +234,7 @@ def test_decode_latency_benchmark_smoke(tmp_path, monkeypatch):
     assert "| 24 |" in out.with_suffix(".md").read_text()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda("needs CUDA")
 def test_bf16_grouped_attention_on_cuda_matches_fp32():
     """On CUDA, bf16 decode attention takes bf16 products with fp32 scores; against fp32 SDPA it is within the
     kernels' bf16 tolerance (DESIGN.md: ~1e-2 end to end), with 8 query heads per key/value head and a mask."""

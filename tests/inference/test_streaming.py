@@ -20,6 +20,7 @@ from hybridize.inference.streaming import StreamingSession
 from hybridize.inference.vision_attention import PACKED_ATTENTION
 from hybridize.media import sample_video, video_duration
 from hybridize.testing import held_states
+from tests.conftest import needs_cuda
 
 pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
 
@@ -369,7 +370,7 @@ def test_captured_prefill_bookkeeping_equals_eager(hybrid64, tiny_teacher, monke
     assert_same_states(captured.state.cache, eager.state.cache, exact=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@needs_cuda("CUDA graphs need a GPU")
 def test_cuda_graphs_equal_eager(tiny_hybrid, tiny_teacher):
     model = copy.deepcopy(tiny_hybrid).cuda()
     stream = frames(40)

@@ -17,7 +17,7 @@ from hybridize.inference.vision_attention import (
     packed_sdpa_attention,
 )
 from hybridize.mixers.ops.flash import flash_kernel_usable
-from tests.conftest import relative_rms
+from tests.conftest import needs_cuda, relative_rms
 
 BOUNDARIES = [0, 5, 12, 13, 24]  # unequal segments, one of a single position
 
@@ -87,7 +87,7 @@ def test_one_segment_needs_no_mask():
     torch.testing.assert_close(out, per_segment_sdpa(query, key, value, [0, 24], 0.3))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's flash kernel runs on CUDA")
+@needs_cuda("PyTorch's flash kernel runs on CUDA")
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_varlen_flash_equals_per_segment_sdpa_in_bf16(kv_heads):
     """The ViT's layout: q, k, v as (1, H, L, D) views of one (L, 3, H, D) projection; head size 80."""

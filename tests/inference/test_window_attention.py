@@ -11,7 +11,7 @@ from torch import nn
 
 from hybridize.inference.window_attention import FixedWindowLayer, WindowKeys, window_attention
 from hybridize.mixers.ops.flash import flash_kernel_usable
-from tests.conftest import relative_rms
+from tests.conftest import needs_cuda, relative_rms
 
 pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
 
@@ -89,7 +89,7 @@ def test_window_attention_refuses_other_masks_and_windows():
         window_attention(nn.Module(), query, query, query, keys, sliding_window=8)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's flash kernel runs on CUDA")
+@needs_cuda("PyTorch's flash kernel runs on CUDA")
 @pytest.mark.parametrize("kv_heads", [4, 1])
 def test_flash_paths_equal_sliding_sdpa_in_bf16(kv_heads):
     """The varlen call while the window fills, the batched one once it is full, against float64 SDPA."""

@@ -14,7 +14,7 @@ from hybridize.converters.discovery import use_attention_implementation
 from hybridize.mixers.flash_window import FLASH_WINDOW, _masked_reference, flash_window_attention
 from hybridize.mixers.ops.flash import flash_kernel_usable
 from hybridize.presets import tiny_model
-from tests.conftest import relative_rms
+from tests.conftest import needs_cuda, relative_rms
 
 pytestmark = pytest.mark.transformers_surface  # also run on the oldest supported transformers
 
@@ -98,7 +98,7 @@ CUDA_CASES = {
 }
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda("needs CUDA")
 @pytest.mark.parametrize("case", list(CUDA_CASES))
 def test_cuda_flash_kernel_matches_the_masked_reference_bf16(case):
     """Outputs and q/k/v gradients of the flash kernel (bf16) against the reference SDPA in fp32 on the same bf16
@@ -143,7 +143,7 @@ def test_cuda_flash_kernel_matches_the_masked_reference_bf16(case):
         assert relative_rms(expected_grad, grad) < 2e-2, name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda("needs CUDA")
 @pytest.mark.parametrize("padded", [False, True])
 def test_cuda_flash_kernel_after_cached_keys_matches_the_masked_reference_bf16(padded):
     """A prefill chunk after cached keys (static decoding's prefill): 300 queries over 700 keys, the queries the

@@ -14,7 +14,7 @@ from hybridize.mixers.ops import (
     l2norm,
     recurrent_gated_delta_rule_torch,
 )
-from tests.conftest import fla_naive_module, relative_rms
+from tests.conftest import fla_naive_module, needs_cuda, relative_rms
 
 SHAPES = [  # (batch, length, heads, key_dim, value_dim, chunk_size)
     (2, 100, 3, 16, 32, 16),  # length not a multiple of the chunk
@@ -134,9 +134,7 @@ def test_dispatcher_normalises_and_picks_modes():
         gated_delta_rule(q, k, v, g, beta, backend="fla")
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() and importlib.util.find_spec("fla")), reason="fla's kernels need CUDA"
-)
+@needs_cuda("fla's kernels need CUDA", fla=True)
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
 def test_fla_kernels_without_gradients_compile_whole_and_match_the_reference(mode):
     """Inference calls go through custom operators: torch.compile keeps them in one graph (fla's own entry

@@ -7,9 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridize.mixers.ops.backends import fla_available
 from hybridize.mixers.ops.gla import chunk_gla_torch, gla, recurrent_gla_torch
-from tests.conftest import fla_naive_module, relative_rms
+from tests.conftest import fla_naive_module, needs_cuda, relative_rms
 
 SHAPES = [  # (batch, length, heads, key_dim, value_dim, chunk_size)
     (2, 100, 3, 16, 32, 16),  # length not a multiple of the chunk
@@ -118,7 +117,7 @@ def test_dispatcher_picks_modes_and_keeps_dtypes():
         gla(q, k, v, gk, backend="fla")
 
 
-@pytest.mark.skipif(not fla_available(), reason="needs a CUDA device and fla")
+@needs_cuda("needs a CUDA device and fla", fla=True)
 @pytest.mark.parametrize("mode, forward_tolerance", [("chunk", 0.005), ("recurrent", 0.002)])
 def test_fla_kernels_match_the_torch_reference_in_bf16(mode, forward_tolerance):
     # fla's own kernel-test tolerances (relative RMS), fla's test gate logsigmoid(N(0, 1)).

@@ -9,8 +9,7 @@ from transformers import DynamicCache
 
 from hybridize.mixers import AttentionSpec, build_mixer
 from hybridize.mixers.modules import GatedRMSNorm, ShortConvolution
-from hybridize.mixers.ops.backends import fla_available
-from tests.conftest import relative_rms
+from tests.conftest import needs_cuda, relative_rms
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -56,7 +55,7 @@ def test_backends_are_checked_when_built():
         GatedRMSNorm(8, 1e-6, backend="cuda")
 
 
-needs_fla = pytest.mark.skipif(not fla_available(), reason="fla's kernels need CUDA and fla")
+needs_fla = needs_cuda("fla's kernels need CUDA and fla", fla=True)
 
 
 def outputs_and_grads(run, module, inputs: dict, upstream: torch.Tensor):

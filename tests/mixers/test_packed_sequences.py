@@ -13,7 +13,7 @@ from hybridize.mixers import AttentionSpec, build_mixer
 from hybridize.mixers.modules import ShortConvolution
 from hybridize.mixers.ops import gated_delta_rule
 from hybridize.mixers.ops.backends import library_available
-from tests.conftest import relative_rms
+from tests.conftest import needs_cuda, relative_rms
 
 TINY = AttentionSpec(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8)
 # Every linear mixer with its short convolutions on (GLA's are optional).
@@ -123,7 +123,7 @@ def test_packed_rows_are_a_training_input():
 KERNEL_CASES = [(name, options, "fla") for name, options in MIXERS] + [("mamba2", {}, "mamba_ssm")]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen kernels need a CUDA device")
+@needs_cuda("the varlen kernels need a CUDA device")
 @pytest.mark.parametrize("name, options, backend", KERNEL_CASES)
 def test_varlen_kernels_match_the_per_sequence_reference_in_bf16(name, options, backend):
     """bf16 mixer on the kernel path, the packed row in one call, against (1) the same kernels run once per

@@ -11,7 +11,7 @@ from transformers.models.mamba2 import modeling_mamba2
 
 from hybridize.mixers.ops.backends import library_available
 from hybridize.mixers.ops.ssd import ssd, ssd_chunk_torch, ssd_recurrent_torch
-from tests.conftest import fla_naive_module, relative_rms
+from tests.conftest import fla_naive_module, needs_cuda, relative_rms
 
 SHAPES = [  # (batch, length, heads, groups, head_dim, state_size, chunk_size)
     (2, 100, 4, 2, 16, 8, 16),  # length not a multiple of the chunk, two heads per group
@@ -160,7 +160,7 @@ def test_dispatcher_picks_modes_and_checks_arguments():
         ssd(x, dt, A, Bm, Cm, backend="mamba_ssm")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the kernels need a CUDA device")
+@needs_cuda("the kernels need a CUDA device")
 class TestKernels:
     """bf16 kernels against the fp32 reference on the same inputs, with fla's own test tolerances."""
 

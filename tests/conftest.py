@@ -6,6 +6,9 @@ import importlib.util
 import os
 from pathlib import Path
 
+# Lightning binds its log handler to sys.stderr when first imported: imported inside a test whose output is
+# captured, it would log into that closed stream in every later test.
+import lightning  # noqa: F401
 import numpy as np
 import pytest
 import torch

@@ -165,6 +165,39 @@ def test_decode_throughput_measures_both_models_and_stops_at_out_of_memory(tmp_p
     assert "| 32 | 4 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").is_file()
 
 
+def test_prefill_throughput_tunes_the_chunk_and_stops_the_stock_model(tmp_path, monkeypatch):
+    """The chunk sweep, the hybrid at every context, the stock model until it runs out of memory (simulated at the
+    longest context) or until its projected time (quadratic in the context) leaves the budget."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    script = benchmark_script("prefill_throughput", monkeypatch)
+    out = tmp_path / "prefill.json"
+    argv = ["--config", "tiny", "--device", "cpu", "--contexts", "32", "64", "128", "--chunk", "32"]
+    argv += ["--chunk-sweep", "16", "32", "--chunk-sweep-context", "64", "--repeats", "1", "--out", str(out)]
+    real_prefill = script.prefill
+
+    def prefill(args, model, context, device, chunk):
+        if chunk is None and context == 128:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_prefill(args, model, context, device, chunk)
+
+    monkeypatch.setattr(script, "prefill", prefill)
+    script.main(argv)
+    report = json.loads(out.read_text())
+    hybrid, stock = report["runs"]["hybrid"], report["runs"]["stock"]
+    assert set(report["chunk_sweep"]) == {"16", "32"} and report["summary"]["best_chunk"] in (16, 32)
+    assert all(hybrid[c]["tokens_per_s"] > 0 for c in ("32", "64", "128"))
+    assert stock["128"] == {"oom": True} and stock["64"]["tokens_per_s"] > 0
+    assert report["summary"]["hybrid_over_stock"]["64"] == pytest.approx(
+        hybrid["64"]["tokens_per_s"] / stock["64"]["tokens_per_s"]
+    )
+    assert "| 64 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").is_file()
+    # a budget the next stock run would overrun: it is skipped, and every longer one
+    script.main([*argv, "--time-budget-s", "0"])
+    stock = json.loads(out.read_text())["runs"]["stock"]
+    assert "tokens_per_s" in stock["32"] and stock["64"]["skipped"].startswith("skipped (projected")
+    assert stock["128"] == stock["64"]
+
+
 def test_train_stages_resumes_a_sweep_over_several_calls(tmp_path, monkeypatch):
     """--resume keeps what an earlier call measured and measures what it skipped; other settings are refused."""
     out = tmp_path / "sweep.json"

@@ -199,6 +199,20 @@ def test_bad_inputs_fail_before_any_work(llama_hybrid):
         StaticDecoder(llama_hybrid, cache, cuda_graph=True)
 
 
+@pytest.mark.slow
+def test_compiled_decode_step_matches_generate(tiny_hybrid, vl_inputs):
+    """The decode step through torch.compile (what `generate_fast(..., compile=True)` runs: the short convolutions
+    as fused multiply-adds on their (B, D, kernel) states, the rest of the step fused around them) gives generate()'s
+    tokens, with an image and left padding (fp32 on CPU; ~20 s of compilation on 2 cores)."""
+    model = copy.deepcopy(tiny_hybrid).float()
+    inputs = {**vl_inputs, "pixel_values": vl_inputs["pixel_values"].float()}
+    decoder = StaticDecoder(model, StaticHybridCache.for_model(model, 2, 200), compile=True)
+    with torch.no_grad():
+        fast = generate_fast(model, **inputs, max_new_tokens=12, decoder=decoder, do_sample=False)
+        expected = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert decoder.eager_steps == 11 and torch.equal(fast, expected)
+
+
 @needs_cuda("needs CUDA")
 def test_cuda_graph_decode_matches_eager(tiny_hybrid, vl_inputs):
     """The captured step replays to the eager step's tokens (fp32 on the GPU, fla kernels where installed)."""

@@ -7,6 +7,7 @@ bf16 and trainable ones as fp32 master weights (AdamW), gradient checkpointing a
 
 - `stage1a_layerwise`, `stage1b_end_to_end`: the distillation stages (mixers train) against
   `stock_converted_attention`: the stock model training the attention of the layers the hybrid converts;
+  `stage1b_end_to_end_no_ckpt` (only when named in `--variants`): stage 1b without its recipe's checkpointing;
 - `stage2_sft` (its default trainable set: mixers, output projections, MLPs) against `stock_sft` (the converted
   layers' attention, every output projection and MLP);
 - `stage3_lora` (LoRA as the long-SFT config sets it) against `stock_lora` (the same adapters on the stock
@@ -319,6 +320,7 @@ class Variant:
     baseline: str | None = None
     packed_samples: int = 1
     dense_masks: bool = False  # softmax layers under SDPA's dense masks instead of the flash-window kernel
+    checkpointing: bool | None = None  # None: as the stage's recipe config sets it
 
 
 # In the order they run at one length (see run_order).
@@ -333,8 +335,14 @@ VARIANTS = {
     ),
     "stage1a_layerwise": Variant("1a", "hybrid", baseline="stock_converted_attention"),
     "stage1b_end_to_end": Variant("1b", "hybrid", baseline="stock_converted_attention"),
+    # stage 1b without the recipe's checkpointing (again with it after an out-of-memory error)
+    "stage1b_end_to_end_no_ckpt": Variant(
+        "1b", "hybrid", baseline="stock_converted_attention", checkpointing=False
+    ),
     "stock_converted_attention": Variant("1a", "stock"),  # stage 1's set; 1a's recipe: no checkpointing
 }
+# Run only when named in --variants.
+OPT_IN = ("stage1b_end_to_end_no_ckpt",)
 RECIPE_CONFIGS = {
     "1a": "stage1_layerwise.yaml",
     "1b": "stage1_e2e.yaml",
@@ -549,10 +557,13 @@ def run_variant(
 
 
 def measure(name: str, length: int, args, config, shape: Shape, device, dtype) -> dict:
-    """Run a variant with its recipe's checkpointing; after an out-of-memory error without checkpointing, again
-    with it (not stage 1a's hybrid: its forward runs without gradients, where checkpointing changes nothing)."""
+    """Run a variant with its checkpointing (the recipe's unless the variant sets it); after an out-of-memory error
+    without checkpointing, again with it (not stage 1a's hybrid: its forward runs without gradients, where
+    checkpointing changes nothing)."""
     variant = VARIANTS[name]
-    checkpointing = bool(recipe_options(variant.stage).get("gradient_checkpointing", False))
+    checkpointing = variant.checkpointing
+    if checkpointing is None:
+        checkpointing = bool(recipe_options(variant.stage).get("gradient_checkpointing", False))
     retry = not checkpointing and not (variant.model == "hybrid" and variant.stage == "1a")
     for attempt in (checkpointing, True) if retry else (checkpointing,):
         try:
@@ -741,7 +752,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=list(SHAPES), default="3b")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=[name for name in VARIANTS if name not in OPT_IN],
+        help=f"default: all but {', '.join(OPT_IN)}",
+    )
     parser.add_argument(
         "--lengths", nargs="+", type=int, default=None, help="tokens per step (default: the config's)"
     )
@@ -806,6 +823,8 @@ def main() -> None:
     tag = report["device_tag"] if args.config == "3b" else f"{args.config}_{report['device_tag']}"
     out = args.out or RESULTS / f"train_stages_{tag}.json"
     done = resumed_runs(report, out) if args.resume else {}
+    # an earlier call's runs of variants this call does not name stay in the report
+    report["runs"] = {name: dict(by_length) for name, by_length in done.items() if name not in args.variants}
     start = time.perf_counter()
     for name, length in run_order(args.variants, lengths, shape.packed_length):
         if str(length) in done.get(name, {}):

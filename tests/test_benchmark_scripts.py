@@ -216,5 +216,10 @@ def test_train_stages_resumes_a_sweep_over_several_calls(tmp_path, monkeypatch):
     assert len(second["commands"]) == 2 and "--resume" in second["commands"][1]
     third = call("--steps", "1", "--resume")  # everything measured already: kept as it was
     assert third["runs"] == second["runs"]
+    # a call naming another variant adds it; the runs of the variants it does not name stay
+    fourth = call("--steps", "1", "--resume", "--variants", "stage1b_end_to_end_no_ckpt")
+    assert {name: fourth["runs"][name] for name in second["runs"]} == second["runs"]
+    added = fourth["runs"]["stage1b_end_to_end_no_ckpt"]["32"]
+    assert added["tokens_per_s"] > 0 and added["gradient_checkpointing"] is False
     with pytest.raises(SystemExit, match="other settings.*timed_steps"):
         call("--steps", "2", "--resume")

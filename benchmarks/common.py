@@ -74,6 +74,20 @@ def redraw(report_path: Path, markdown, plot) -> None:
     plot(report, report_path.with_suffix(".png"))
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (and a note) where matplotlib is not installed: the plot is
+    then left out, and `--plot-only JSON` draws it later where it is."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (rerun with --plot-only JSON where it is)", flush=True)
+        return None
+    return plt
+
+
 def is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 

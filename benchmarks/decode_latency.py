@@ -52,7 +52,7 @@ from hybridize.mixers.cache import MixerCacheLayer
 from hybridize.presets import qwen2_5_vl_3b_config, tiny_qwen2_5_vl_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, redraw, report_header, run_setup, write_report  # noqa: E402
+from common import free, is_oom, pyplot, redraw, report_header, run_setup, write_report  # noqa: E402
 
 VARIANTS = (
     "stock_eager",
@@ -509,13 +509,8 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (rerun with --plot-only JSON where it is)")
+    plt = pyplot()
+    if plt is None:
         return False
     figure, (latency, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
     for variant, results in report["decode"].items():

@@ -36,7 +36,7 @@ from hybridize.inference.decode import StaticDecoder
 from hybridize.inference.static_cache import StaticHybridCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, redraw, report_header, run_setup, write_report  # noqa: E402
+from common import free, is_oom, pyplot, redraw, report_header, run_setup, write_report  # noqa: E402
 from decode_latency import (  # noqa: E402
     CONFIGS,
     Clock,
@@ -171,13 +171,8 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> bool:
     """Tokens/s against batch size, one panel per context, both models."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", flush=True)
+    plt = pyplot()
+    if plt is None:
         return False
     contexts = list(report["runs"].get(MODELS[1], {}))
     figure, axes = plt.subplots(1, len(contexts), figsize=(4.5 * len(contexts), 4), squeeze=False)

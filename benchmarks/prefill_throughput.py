@@ -38,7 +38,7 @@ from hybridize.inference.decode import StaticDecoder
 from hybridize.inference.static_cache import StaticHybridCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, redraw, report_header, run_setup, write_report  # noqa: E402
+from common import free, is_oom, pyplot, redraw, report_header, run_setup, write_report  # noqa: E402
 from decode_latency import CONFIGS, build_model, label, parse_tokens, time_prefill  # noqa: E402
 
 MODELS = ("stock", "hybrid")
@@ -173,13 +173,8 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> bool:
     """Tokens/s and peak memory against the context, both models."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", flush=True)
+    plt = pyplot()
+    if plt is None:
         return False
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
     for name, style in zip(MODELS, ("--s", "-o"), strict=True):

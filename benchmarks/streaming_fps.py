@@ -55,7 +55,7 @@ from hybridize.presets import (
 from hybridize.testing import held_states
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, redraw, report_header, run_setup, write_report  # noqa: E402
+from common import free, is_oom, pyplot, redraw, report_header, run_setup, write_report  # noqa: E402
 
 VARIANTS = ("hybrid", "stock")
 TARGET_FPS = 60.0
@@ -422,13 +422,8 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (rerun with --plot-only JSON where it is)")
+    plt = pyplot()
+    if plt is None:
         return False
     figure, (latency, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
     for variant, result in report["variants"].items():

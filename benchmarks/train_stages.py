@@ -83,7 +83,7 @@ from hybridize.mixers.ops.backends import fla_available
 from hybridize.presets import qwen2_5_vl_3b_config, tiny_qwen2_5_vl_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom  # noqa: E402
+from common import free, is_oom, pyplot  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "infinitevl"
@@ -676,13 +676,8 @@ def markdown_table(report: dict) -> str:
 def plot(report: dict, path: Path) -> bool:
     """Tokens/s against tokens per step, one panel per stage: the hybrid solid, its stock baseline dashed, packed
     rows as stars."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", flush=True)
+    plt = pyplot()
+    if plt is None:
         return False
     figure, axes = plt.subplots(1, len(STAGE_TITLES), figsize=(4.2 * len(STAGE_TITLES), 4), sharey=True)
     for axis, (stage, title) in zip(axes, STAGE_TITLES.items(), strict=True):

@@ -74,6 +74,33 @@ def redraw(report_path: Path, markdown, plot) -> None:
     plot(report, report_path.with_suffix(".png"))
 
 
+def run_benchmark(script: str, args, argv, quick: bool, fields, measure, markdown, plot) -> None:
+    """What the `main()` of a benchmark with `--plot-only` does. With `--plot-only JSON`: redraw that report's
+    table and plot. Else: build the report (how it was made, `args.config`, `args.window`, the dtype, then the
+    script's own `fields(device)`), run `measure(args, report, device, dtype, save)`, where `save()` rewrites the
+    JSON and its table, and write the plot beside them."""
+    if args.plot_only is not None:
+        redraw(args.plot_only, markdown, plot)
+        return
+    device, dtype, out = run_setup(args, script, quick)
+    report = {
+        **report_header(script, argv, device),
+        "config": args.config,
+        "window": args.window,
+        "dtype": str(dtype),
+        **fields(device),
+    }
+
+    def save() -> None:
+        write_report(report, out, markdown)
+
+    measure(args, report, device, dtype, save)
+    save()
+    plot(report, out.with_suffix(".png"))
+    print(markdown(report))
+    print(f"Wrote {out} and the .md and .png beside it", flush=True)
+
+
 def pyplot():
     """matplotlib's pyplot on the Agg backend, or None (and a note) where matplotlib is not installed: the plot is
     then left out, and `--plot-only JSON` draws it later where it is."""

@@ -52,7 +52,7 @@ from hybridize.mixers.cache import MixerCacheLayer
 from hybridize.presets import qwen2_5_vl_3b_config, tiny_qwen2_5_vl_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, pyplot, redraw, report_header, run_setup, write_report  # noqa: E402
+from common import free, is_oom, pyplot, run_benchmark  # noqa: E402
 
 VARIANTS = (
     "stock_eager",
@@ -575,40 +575,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.plot_only is not None:
-        redraw(args.plot_only, markdown, plot)
-        return
-    device, dtype, out = run_setup(args, "decode_latency", args.quick)
-    report = {
-        **report_header("decode_latency", argv, device),
-        "config": args.config,
-        "window": args.window,
-        "dtype": str(dtype),
-        "methodology": {
-            key: getattr(args, key)
-            for key in ("steps", "repeats", "warmup", "eager_steps", "eager_repeats", "eager_warmup")
-        }
-        | {
-            "prefill_chunk": args.prefill_chunk,
-            "context": "random cache contents, position set to the context",
-        },
-        "bandwidth_bytes_per_s": copy_bandwidth(device) if device.type == "cuda" else None,
-        "models": {},
-        "prefill": {},
-        "decode": {variant: {} for variant in args.variants},
-    }
-
-    def save():
-        write_report(report, out, markdown)
-
+def run(args, report: dict, device: torch.device, dtype: torch.dtype, save) -> None:
     for hybrid in (False, True):
         if any(v.startswith("hybrid" if hybrid else "stock") for v in args.variants):
             run_model(args, report, hybrid, device, dtype, save)
-    save()
-    plot(report, out.with_suffix(".png"))
-    print(markdown(report))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+
+    def fields(device: torch.device) -> dict:
+        return {
+            "methodology": {
+                key: getattr(args, key)
+                for key in ("steps", "repeats", "warmup", "eager_steps", "eager_repeats", "eager_warmup")
+            }
+            | {
+                "prefill_chunk": args.prefill_chunk,
+                "context": "random cache contents, position set to the context",
+            },
+            "bandwidth_bytes_per_s": copy_bandwidth(device) if device.type == "cuda" else None,
+            "models": {},
+            "prefill": {},
+            "decode": {variant: {} for variant in args.variants},
+        }
+
+    run_benchmark("decode_latency", args, argv, args.quick, fields, run, markdown, plot)
 
 
 if __name__ == "__main__":

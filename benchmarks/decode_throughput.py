@@ -36,7 +36,7 @@ from hybridize.inference.decode import StaticDecoder
 from hybridize.inference.static_cache import StaticHybridCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, pyplot, redraw, report_header, run_setup, write_report  # noqa: E402
+from common import free, is_oom, pyplot, run_benchmark  # noqa: E402
 from decode_latency import (  # noqa: E402
     CONFIGS,
     Clock,
@@ -240,26 +240,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.plot_only is not None:
-        redraw(args.plot_only, markdown, plot)
-        return
-    device, dtype, out = run_setup(args, "decode_throughput", False)
-    report = {
-        **report_header("decode_throughput", argv, device),
-        "config": args.config,
-        "window": args.window,
-        "dtype": str(dtype),
-        "timing": {"steps": args.steps, "repeats": args.repeats, "warmup": args.warmup},
-        "runs": {},
-    }
-
-    def save() -> None:
-        write_report(report, out, markdown)
-
-    run(args, report, device, dtype, save)
-    plot(report, out.with_suffix(".png"))
-    print(markdown(report))
-    print(f"Wrote {out} and the .md and .png beside it", flush=True)
+    timing = {"timing": {"steps": args.steps, "repeats": args.repeats, "warmup": args.warmup}, "runs": {}}
+    run_benchmark("decode_throughput", args, argv, False, lambda device: timing, run, markdown, plot)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from hybridize.inference.decode import StaticDecoder
 from hybridize.inference.static_cache import StaticHybridCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, pyplot, redraw, report_header, run_setup, write_report  # noqa: E402
+from common import free, is_oom, pyplot, run_benchmark  # noqa: E402
 from decode_latency import CONFIGS, build_model, label, parse_tokens, time_prefill  # noqa: E402
 
 MODELS = ("stock", "hybrid")
@@ -239,29 +239,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.plot_only is not None:
-        redraw(args.plot_only, markdown, plot)
-        return
-    device, dtype, out = run_setup(args, "prefill_throughput", False)
-    report = {
-        **report_header("prefill_throughput", argv, device),
-        "config": args.config,
-        "window": args.window,
-        "dtype": str(dtype),
+    fields = {
         "chunk": args.chunk,
         "chunk_sweep_context": args.chunk_sweep_context,
         "repeats": args.repeats,
         "chunk_sweep": {},
         "runs": {name: {} for name in MODELS},
     }
-
-    def save() -> None:
-        write_report(report, out, markdown)
-
-    run(args, report, device, dtype, save)
-    plot(report, out.with_suffix(".png"))
-    print(markdown(report))
-    print(f"Wrote {out} and the .md and .png beside it", flush=True)
+    run_benchmark("prefill_throughput", args, argv, False, lambda device: fields, run, markdown, plot)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ from hybridize.presets import (
 from hybridize.testing import held_states
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, pyplot, redraw, report_header, run_setup, write_report  # noqa: E402
+from common import free, is_oom, pyplot, run_benchmark  # noqa: E402
 
 VARIANTS = ("hybrid", "stock")
 TARGET_FPS = 60.0
@@ -509,32 +509,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args.plot_only is not None:
-        redraw(args.plot_only, markdown, plot)
-        return
-    device, dtype, out = run_setup(args, "streaming_fps", args.quick)
-    report = {
-        **report_header("streaming_fps", argv, device),
-        "config": args.config,
-        "window": args.window,
-        "frame_size": args.frame_size,
-        "dtype": str(dtype),
-        "cuda_graphs": device.type == "cuda" and not args.no_cuda_graphs,
-        "compile": args.compile,
-        "matmul_tflops": matmul_flops_per_s(device) / 1e12 if device.type == "cuda" else None,
-        "variants": {},
-    }
-
-    def save():
-        write_report(report, out, markdown)
-
+def run(args, report: dict, device: torch.device, dtype: torch.dtype, save) -> None:
     for variant in args.variants:
         run_variant(args, report, variant, device, dtype, save)
-    save()
-    plot(report, out.with_suffix(".png"))
-    print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+
+    def fields(device: torch.device) -> dict:
+        return {
+            "frame_size": args.frame_size,
+            "cuda_graphs": device.type == "cuda" and not args.no_cuda_graphs,
+            "compile": args.compile,
+            "matmul_tflops": matmul_flops_per_s(device) / 1e12 if device.type == "cuda" else None,
+            "variants": {},
+        }
+
+    run_benchmark("streaming_fps", args, argv, args.quick, fields, run, markdown, plot)
 
 
 if __name__ == "__main__":

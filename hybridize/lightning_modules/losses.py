@@ -30,6 +30,14 @@ def _token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
     return (teacher.exp() * (teacher - student)).sum(-1)
 
 
+def _recomputed(function, *args) -> torch.Tensor:
+    """`function(*args)` on a chunk of a loss; when its first argument needs gradients, under activation
+    checkpointing, so that the chunk's (rows, vocab) intermediates are recomputed in the backward pass, not held."""
+    if torch.is_grad_enabled() and args[0].requires_grad:
+        return checkpoint(function, *args, use_reentrant=False)
+    return function(*args)
+
+
 def _head_token_kl(
     student: torch.Tensor, teacher: torch.Tensor, head: torch.nn.Module, temperature: float
 ) -> torch.Tensor:
@@ -73,12 +81,7 @@ def head_distillation_kl(
     total = student.new_zeros((), dtype=compute_dtype(student))
     for start in range(0, student.shape[0], chunk_tokens):
         rows = slice(start, start + chunk_tokens)
-        if torch.is_grad_enabled() and student.requires_grad:
-            per_token = checkpoint(
-                _head_token_kl, student[rows], teacher[rows], head, temperature, use_reentrant=False
-            )
-        else:
-            per_token = _head_token_kl(student[rows], teacher[rows], head, temperature)
+        per_token = _recomputed(_head_token_kl, student[rows], teacher[rows], head, temperature)
         total = total + (per_token * weights[rows]).sum()
     return total / weights.sum().clamp(min=1) * temperature**2
 
@@ -126,12 +129,7 @@ def head_cross_entropy(
         rows = slice(start, start + chunk_tokens)
         if not bool((targets[rows] != ignore_index).any()):
             continue  # nothing labelled here: the head need not run
-        if torch.is_grad_enabled() and flat.requires_grad:
-            part = checkpoint(
-                _summed_head_cross_entropy, flat[rows], head, targets[rows], ignore_index, use_reentrant=False
-            )
-        else:
-            part = _summed_head_cross_entropy(flat[rows], head, targets[rows], ignore_index)
+        part = _recomputed(_summed_head_cross_entropy, flat[rows], head, targets[rows], ignore_index)
         total = part if total is None else total + part
     if total is None:
         return hidden_states.sum() * 0  # nothing labelled in this batch: a zero loss that keeps the graph

@@ -52,8 +52,8 @@ def generate_reply(
 ) -> str:
     """Generate the model's answer to one prompt (greedy by default) and decode it. `static_decode`: over a
     static hybrid cache with the decode step captured in a CUDA graph on CUDA (`inference.decode.generate_fast`),
-    the same tokens as generate(); `fuse`: with its projections fused (`StaticDecoder`). `streamer`: a transformers streamer (e.g. `TextStreamer`) that gets the new
-    tokens as they come."""
+    the same tokens as generate(); `fuse`: with its projections fused (`StaticDecoder`). `streamer`: a
+    transformers streamer (e.g. `TextStreamer`) that gets the new tokens as they come."""
     inputs = chat_inputs(processor, [prompt], [images or []])
     inputs = {key: value.to(model.device) for key, value in inputs.items()}
     if static_decode:

@@ -32,7 +32,8 @@ def _token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temper
 
 def _recomputed(function, *args) -> torch.Tensor:
     """`function(*args)` on a chunk of a loss; when its first argument needs gradients, under activation
-    checkpointing, so that the chunk's (rows, vocab) intermediates are recomputed in the backward pass, not held."""
+    checkpointing, so that the chunk's (rows, vocab) intermediates are recomputed in the backward pass, not
+    held."""
     if torch.is_grad_enabled() and args[0].requires_grad:
         return checkpoint(function, *args, use_reentrant=False)
     return function(*args)

@@ -19,8 +19,9 @@ bf16 and trainable ones as fp32 master weights (AdamW), gradient checkpointing a
 Stages 2 and 3 and the stock variants take the stages' next-token loss (`next_token_loss`: the output head and
 the cross-entropy in 4K-token chunks). The stock model runs SDPA attention (causal, no mask: its FlashAttention
 kernel); the hybrid's softmax layers (the SWA layers, stage 1's teacher attention) run PyTorch's flash kernel with
-their window, varlen for packed rows. A variant without checkpointing that runs out of memory runs again with it (not stage 1a: its forward runs without gradients,
-so checkpointing changes nothing there); one that still does is recorded as "oom" and the run goes on.
+their window, varlen for packed rows. A variant without checkpointing that runs out of memory runs again with it
+(not stage 1a: its forward runs without gradients, so checkpointing changes nothing there); one that still does
+is recorded as "oom" and the run goes on.
 
 Runs go most important first (stages 2 and 3 against stock at the packed length, then 8K, then the rest), and
 the JSON, a markdown table and a PNG plot (tokens/s against length per stage) are rewritten after each, so a

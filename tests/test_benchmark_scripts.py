@@ -129,10 +129,11 @@ def test_streaming_fps_streams_both_models(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_attention_kernels_refuses_to_run_without_cuda(tmp_path, monkeypatch):
+@pytest.mark.parametrize("script", ["attention_kernels", "gdn_backends"])
+def test_kernel_timings_refuse_to_run_without_cuda(script, tmp_path, monkeypatch):
     out = tmp_path / "kernels.json"
     with pytest.raises(SystemExit, match="run it on a GPU"):
-        benchmark_script("attention_kernels", monkeypatch).main(["--out", str(out)])
+        benchmark_script(script, monkeypatch).main(["--out", str(out)])
     assert not out.exists()
 
 

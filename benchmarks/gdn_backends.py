@@ -1,0 +1,199 @@
+"""Gated DeltaNet's chunked kernel under each of fla's backends on this card: fla's Triton kernels against
+FlashQLA (Qwen's fused TileLang kernels, which fla dispatches to on Hopper when the `flash_qla` package is
+installed; `FLA_FLASH_QLA=0` turns that off).
+
+On the 3B hybrid's Gated DeltaNet shapes (batch 1, 16 heads, head size 128, bf16, q and k L2-normed in the kernel,
+a state carried in and out), through `hybridize.mixers.ops.gated_delta_rule.gated_delta_rule(backend="fla")`, the
+entry point every mixer calls, at `--lengths` tokens:
+- `prefill`: forward without gradients (the static decoder's and the stream's prefill chunks);
+- `train`: forward and backward (stage 1 and SFT).
+Each backend's output, final state and gradients against the Triton kernels' (relative RMS error). CUDA events
+around each call, `--warmup` calls first (fla autotunes on the first), median of `--repeats`.
+
+    python benchmarks/gdn_backends.py                 # 8K and 64K tokens; ~1 minute after fla's autotuning
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hybridize.mixers.ops.gated_delta_rule import gated_delta_rule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+from common import default_output, report_header, write_report  # noqa: E402
+
+HEADS, HEAD_DIM = 16, 128
+BACKENDS = {"triton": "0", "flash_qla": "1"}  # FLA_FLASH_QLA for each
+NAMES = ("out", "state", "dq", "dk", "dv", "dg", "dbeta")  # what train_step returns; the prefill, the first 2
+
+
+class Dispatched(logging.Handler):
+    """The fla backends a call was dispatched to, from fla's "[FLA Backend] op.fn -> backend" log lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "[FLA Backend]" in message and "rejected" not in message:
+            self.seen.add(message.rsplit("-> ", 1)[-1].strip())
+
+
+def inputs(length: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=generator, device=device, dtype=dtype)
+
+    shape = (1, length, HEADS, HEAD_DIM)
+    return {
+        "q": randn(*shape),
+        "k": randn(*shape),
+        "v": randn(*shape),
+        "g": F.logsigmoid(randn(1, length, HEADS, dtype=torch.float32)) / 16,
+        "beta": torch.sigmoid(randn(1, length, HEADS)),
+        "initial_state": randn(1, HEADS, HEAD_DIM, HEAD_DIM, dtype=torch.float32) / HEAD_DIM,
+    }
+
+
+def call(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return gated_delta_rule(**tensors, output_final_state=True, backend="fla", mode="chunk")
+
+
+def train_step(tensors: dict[str, torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
+    leaves = {name: tensor.detach().requires_grad_() for name, tensor in tensors.items()}
+    out, state = call(leaves)
+    torch.autograd.backward((out, state), (grad_out, torch.zeros_like(state)))
+    return [out.detach(), state.detach(), *(leaves[name].grad for name in ("q", "k", "v", "g", "beta"))]
+
+
+def time_backend(tensors: dict, grad_out: torch.Tensor, args) -> tuple[dict, dict]:
+    """The prefill's and the training step's outputs (for the comparison) and their times."""
+    with torch.no_grad():
+        prefill = list(call(tensors))
+        prefill_ms = median_ms(lambda: call(tensors), args.warmup, args.repeats)
+    train = train_step(tensors, grad_out)
+    train_ms = median_ms(lambda: train_step(tensors, grad_out), args.warmup, args.repeats)
+    length = tensors["q"].shape[1]
+    return {"prefill": prefill, "train": train}, {
+        "prefill_ms": prefill_ms,
+        "prefill_tokens_per_s": length / prefill_ms * 1e3,
+        "train_ms": train_ms,
+        "train_tokens_per_s": length / train_ms * 1e3,
+    }
+
+
+def median_ms(fn, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def relative_rms(value: torch.Tensor, reference: torch.Tensor) -> float:
+    value, reference = value.float(), reference.float()
+    return ((value - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt().clamp_min(1e-12)).item()
+
+
+def measure(args, report: dict, device: torch.device, save) -> None:
+    dispatched = Dispatched()
+    logging.getLogger("fla").addHandler(dispatched)
+    logging.getLogger("fla").setLevel(logging.INFO)
+    routes = {}  # fla logs a dispatch once per process: at each backend's first length
+    for length in args.lengths:
+        tensors = inputs(length, device, args.seed)
+        grad_out = torch.randn_like(tensors["v"])
+        reference = {}
+        for backend, flag in BACKENDS.items():
+            if backend == "flash_qla" and importlib.util.find_spec("flash_qla") is None:
+                report["runs"][backend] = "not installed (pip install flash-qla)"
+                continue
+            os.environ["FLA_FLASH_QLA"] = flag
+            dispatched.seen.clear()
+            outputs, result = time_backend(tensors, grad_out, args)
+            routes.setdefault(backend, sorted(dispatched.seen) or ["fla's default (no backend logged)"])
+            result["dispatched_to"] = routes[backend]
+            if reference:
+                for kind in ("prefill", "train"):
+                    result[f"{kind}_error"] = {
+                        name: relative_rms(value, expected)
+                        for name, value, expected in zip(NAMES, outputs[kind], reference[kind], strict=False)
+                    }
+            else:
+                reference = outputs
+            report["runs"].setdefault(backend, {})[str(length)] = result
+            print(f"{backend} at {length} tokens: {result}", flush=True)
+            save()
+        os.environ.pop("FLA_FLASH_QLA", None)
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"`{report['command']}`",
+        "",
+        f"{report['device']}, {report['date']}, "
+        + ", ".join(f"{name} {version}" for name, version in report["versions"].items() if version),
+        "",
+        "| backend | tokens | dispatched to | prefill ms | prefill tokens/s | train ms | train tokens/s | "
+        "worst relative RMS vs triton (prefill / train) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for backend, runs in report["runs"].items():
+        if isinstance(runs, str):
+            lines.append(f"| {backend} | | {runs} | | | | | |")
+            continue
+        for length, r in runs.items():
+            errors = (
+                f"{max(r['prefill_error'].values()):.2e} / {max(r['train_error'].values()):.2e}"
+                if "train_error" in r
+                else "(reference)"
+            )
+            lines.append(
+                f"| {backend} | {length} | {', '.join(r['dispatched_to'])} | {r['prefill_ms']:.2f} | "
+                f"{r['prefill_tokens_per_s']:,.0f} | {r['train_ms']:.2f} | {r['train_tokens_per_s']:,.0f} | "
+                f"{errors} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[8192, 65536])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("gdn_backends.py times fla's CUDA kernels: run it on a GPU.")
+    device = torch.device("cuda")
+    out = args.out or default_output("gdn_backends", device, quick=False)
+    report = {**report_header("gdn_backends", argv, device), "heads": HEADS, "head_dim": HEAD_DIM, "runs": {}}
+
+    def save() -> None:
+        write_report(report, out, markdown)
+
+    measure(args, report, device, save)
+    save()
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

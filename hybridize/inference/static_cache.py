@@ -23,6 +23,8 @@ row stays exact while it holds at most `max_length` tokens of its own (`row_toke
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -106,12 +108,31 @@ class StaticAttentionLayer(WindowSlot, DynamicLayer):
     def past_key_padding(self, like: torch.Tensor) -> torch.Tensor:
         """(B, kept) bool: which of the cached keys a prefill gets (see `update`) are real tokens, from the cache's
         `valid` (so `record_key_padding` has nothing to keep)."""
-        seen = self.cache.seen_tokens
-        kept = min(seen, self.capacity if self.window is None else self.window - 1)
-        return self.cache.valid[self.capacity][:, self._slots(seen - kept, seen)]
+        return self.cache.valid[self.capacity][:, self._past_slots()]
 
-    def _slots(self, start: int, stop: int) -> torch.Tensor:
-        return torch.arange(start, stop, device=self.device) % self.capacity
+    def _reach(self) -> int:
+        """How many cached keys new tokens can reach: window - 1, or every slot of a full-attention buffer."""
+        return self.capacity if self.window is None else self.window - 1
+
+    def _past_slots(self) -> torch.Tensor:
+        """The slots of the cached keys a prefill hands attention, oldest first: those of the tokens it can reach
+        or, under `StaticHybridCache.fixed_window_prefill`, the `window - 1` most recent slots whether they hold a
+        token yet or not (a fixed shape, found from the device-side count alone)."""
+        if self.cache.fixed_window:
+            return self.cache.slots(-self._reach(), 0, self.capacity)
+        seen = self.cache.seen_tokens
+        kept = min(seen, self._reach())
+        return torch.arange(seen - kept, seen, device=self.device) % self.capacity
+
+    def empty_slots(self) -> torch.Tensor:
+        """() int32 device tensor: how many of the `window - 1` slots a fixed-window prefill hands attention hold no
+        token yet (they come first)."""
+        return (self.window - 1 - self.cache.length).clamp(min=0).to(torch.int32)
+
+    def kept(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values (B, heads, kept, D) of the tokens new ones can reach, oldest first."""
+        past = self.cache.slots(-min(self.cache.seen_tokens, self._reach()), 0, self.capacity)
+        return self.keys.index_select(2, past), self.values.index_select(2, past)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.cache.decoding:  # (B, heads, 1, D) into the step's slot; attention reads the whole buffer
@@ -119,20 +140,20 @@ class StaticAttentionLayer(WindowSlot, DynamicLayer):
             self.keys.index_copy_(2, slot, key_states)
             self.values.index_copy_(2, slot, value_states)
             return self.keys, self.values
-        seen, length = self.cache.seen_tokens, key_states.shape[-2]
-        # The cached keys the new tokens can reach, oldest first: the last window - 1, or all of them.
-        kept = min(seen, self.capacity if self.window is None else self.window - 1)
-        past = self._slots(seen - kept, seen)
+        length = key_states.shape[-2]
+        past = self._past_slots()
         keys = torch.cat([self.keys.index_select(2, past), key_states], dim=-2)
         values = torch.cat([self.values.index_select(2, past), value_states], dim=-2)
         written = min(length, self.capacity)  # only the newest `capacity` tokens stay
-        slots = self._slots(seen + length - written, seen + length)
+        slots = self.cache.slots(length - written, length, self.capacity)
         self.keys.index_copy_(2, slots, key_states[:, :, length - written :])
         self.values.index_copy_(2, slots, value_states[:, :, length - written :])
         return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         seen = self.cache.seen_tokens
+        if self.cache.fixed_window:
+            return self.window - 1 + query_length, seen - self.window + 1
         if self.window is None:
             return seen + query_length, 0
         kv_offset = max(seen - self.window + 1, 0)
@@ -183,6 +204,7 @@ class StaticHybridCache(Cache):
         self.seen_tokens = 0
         self.row_tokens = [0] * batch_size
         self.decoding = False
+        self.fixed_window = False  # see fixed_window_prefill
         self.length = torch.zeros((), dtype=torch.long, device=self.device)
         self.position: torch.Tensor | None = None
         capacities = sorted({layout.capacity for layout in layouts if layout.kind != LINEAR})
@@ -260,16 +282,37 @@ class StaticHybridCache(Cache):
                 f"{held + new_tokens}."
             )
 
+    def slots(self, start: int, stop: int, capacity: int) -> torch.Tensor:
+        """The slots of a `capacity` buffer that tokens start..stop-1 counted from the next one go to (negative:
+        tokens already written), from the device-side count: no host value, so a CUDA graph can hold it."""
+        return (self.length + torch.arange(start, stop, device=self.device)) % capacity
+
+    @contextlib.contextmanager
+    def fixed_window_prefill(self) -> Iterator[None]:
+        """Prefill forwards inside hand each sliding-window layer its `window - 1` most recent slots, whether they
+        hold a token yet or not, followed by the new tokens: shapes that never change and slots found on the
+        device, so that the forward (and `record_tokens`) can be captured in a CUDA graph. Attention must mask the
+        leading slots that hold no token yet (`hybridize.inference.window_attention.WindowKeys`)."""
+        if self.layer_indices(FULL):
+            raise ValueError(
+                "A fixed-window prefill needs a cache of sliding-window and linear layers only; this one has "
+                f"full-attention layers {self.layer_indices(FULL)}."
+            )
+        self.fixed_window = True
+        try:
+            yield
+        finally:
+            self.fixed_window = False
+
     def record_tokens(self, valid: torch.Tensor, next_position: torch.Tensor) -> None:
         """After a prefill forward of T tokens: mark which were real (`valid`, (B, T) bool), count them and set the
-        next token's position ids (copied into the same tensor every time, so a captured step keeps reading it)."""
+        next token's position ids (copied into the same tensor every time, so a captured step keeps reading it).
+        The device-side part reads no host count: a CUDA graph can hold it (`advance_host` is the host's part)."""
         length = valid.shape[1]
         for capacity, slots_valid in self.valid.items():
             written = min(length, capacity)
-            slots = torch.arange(
-                self.seen_tokens + length - written, self.seen_tokens + length, device=self.device
-            )
-            slots_valid.index_copy_(1, slots % capacity, valid[:, length - written :].to(self.device))
+            slots = self.slots(length - written, length, capacity)
+            slots_valid.index_copy_(1, slots, valid[:, length - written :].to(self.device))
         self.length += length
         self.advance_host(length)
         # every row took these tokens; a row that was free begins here, its stale slots counted in
@@ -391,6 +434,47 @@ class StaticHybridCache(Cache):
         self.row_tokens[row] = source.seen_tokens
 
     # --- branching ---------------------------------------------------------------------------------------
+
+    def save_for_tokens(self, count: int) -> Callable[[], None]:
+        """Keep what `count` more tokens will overwrite and return the function that puts it back: the buffer slots
+        they go to (not the windows: a question answered on a stream's cache copies no window), the linear mixers'
+        states (updated in place), the counts and the positions. Buffers keep their addresses."""
+        attention = [
+            (layer, self.slots(0, min(count, layer.capacity), layer.capacity))
+            for layer in self.layers
+            if isinstance(layer, StaticAttentionLayer)
+        ]
+        kept = [
+            (layer, slots, layer.keys.index_select(2, slots), layer.values.index_select(2, slots))
+            for layer, slots in attention
+        ]
+        valid = {
+            capacity: (slots := self.slots(0, min(count, capacity), capacity), flags.index_select(1, slots))
+            for capacity, flags in self.valid.items()
+        }
+        states = [
+            {name: state.clone() for name, state in self.layers[idx].states.items()}
+            for idx in self.layer_indices(LINEAR)
+        ]
+        length, position = self.length.clone(), None if self.position is None else self.position.clone()
+        host = self.seen_tokens, list(self.row_tokens)
+
+        def restore() -> None:
+            for layer, slots, keys, values in kept:
+                layer.keys.index_copy_(2, slots, keys)
+                layer.values.index_copy_(2, slots, values)
+            for capacity, (slots, flags) in valid.items():
+                self.valid[capacity].index_copy_(1, slots, flags)
+            for idx, saved in zip(self.layer_indices(LINEAR), states, strict=True):
+                for name, state in saved.items():
+                    self.layers[idx].states[name].copy_(state)
+            self.length.copy_(length)
+            if position is not None:
+                self.position.copy_(position)
+            self.seen_tokens, self.row_tokens = host[0], list(host[1])
+            self.advance_host(0)
+
+        return restore
 
     def _state(self) -> list[tuple[str, torch.Tensor]]:
         named = [("length", self.length), *((f"valid[{c}]", v) for c, v in self.valid.items())]

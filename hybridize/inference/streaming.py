@@ -2,13 +2,14 @@
 at any time (`StreamingSession`).
 
 A session encodes each frame (`hybridize.inference.frames`: its tokens in the chat template, pixels -> ViT ->
-token embeddings) and prefills it into the stream's state (`hybridize.inference.stream_state`: the cache, replayed
-from CUDA graphs once its shapes stop changing). A question is prefilled on a branch of that state, or on a static
-cache loaded from it (`StaticAnswers`), and dropped after the answer: answers never enter the stream's context.
+token embeddings) and prefills it into the stream's state (`hybridize.inference.stream_state`: a static cache
+written in place, its per-frame prefill replayed from CUDA graphs). A question is answered on that state, which is
+put back after the answer (only what the answer overwrote is copied back), or on a copy of a growing cache:
+answers never enter the stream's context.
 
 CUDA graphs (`cuda_graphs=True`, the default on CUDA): the frame encoder is captured on the first frame, the
-per-frame prefill at the second (see `stream_state`), the answer's one-token step by the `StaticDecoder`. A
-capture that fails falls back to eager with a warning.
+per-frame prefill at the second (see `stream_state`), the answer's one-token step by the `StaticDecoder` at the
+first question (`StaticAnswers`). A capture that fails falls back to eager with a warning.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from transformers import DynamicCache
 
 from hybridize.compat import configured_attention, generation_logits_processors
 from hybridize.inference.decode import SUPPORTED_ATTENTION, StaticDecoder
@@ -26,33 +26,22 @@ from hybridize.inference.frames import FrameEncoder, build_frame_prompt, parse_f
 from hybridize.inference.fusion import fuse_projections
 from hybridize.inference.sampling import choose_next_tokens
 from hybridize.inference.static_cache import StaticHybridCache
-from hybridize.inference.stream_state import (
-    CapturedPrefill,
-    StreamState,
-    cache_shapes,
-    growing_layers,
-)
-from hybridize.inference.window_attention import FixedWindowLayer
-from hybridize.mixers.cache import MixerCacheLayer
+from hybridize.inference.stream_state import CapturedPrefill, StreamState, growing_layers
 
 
 class StaticAnswers:
-    """Answers decoded over a `StaticHybridCache` by a `StaticDecoder` (its one-token step a CUDA graph on CUDA).
+    """Answers decoded on a static-cache stream's own `StaticHybridCache` by a `StaticDecoder` (its one-token
+    step a CUDA graph on CUDA, captured over the cache's buffers at the first question and replayed at every
+    later one). The caller puts the stream back after the answer (`StreamState.saved_for_answer`)."""
 
-    Each question starts by copying the stream's state into the static cache's own buffers, so that the step
-    captured over them stays valid from one question to the next; the stream's cache is only read.
-    """
-
-    def __init__(self, model):
-        # max_length bounds full-attention layers only, and a stream has none
-        self.cache = StaticHybridCache.for_model(model, batch_size=1, max_length=1)
-        self.decoder = StaticDecoder(model, self.cache)
+    def __init__(self, model, cache: StaticHybridCache):
+        self.cache = cache
+        self.decoder = StaticDecoder(model, cache)
 
     def start(
         self, state: StreamState, token_ids: list[int]
     ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
-        """Prefill the question after the stream's state: the next (1, vocab) fp32 logits, and the step function."""
-        load_static_cache(self.cache, state.cache)
+        """Prefill the question after the stream's tokens: the next (1, vocab) fp32 logits, and the step function."""
         device = self.cache.device
         ids = torch.tensor([token_ids], device=device)
         logits = self.decoder.prefill(
@@ -62,33 +51,6 @@ class StaticAnswers:
 
     def step(self, token_id: int) -> torch.Tensor:
         return self.decoder.step(torch.tensor([token_id], device=self.cache.device)).float()
-
-
-def load_static_cache(static, cache: DynamicCache) -> None:
-    """Copy a stream's `DynamicCache` into a `StaticHybridCache` (same model, batch 1, no full attention):
-    mixer states as they are; the keys and values a sliding-window layer holds (its last `window - 1` at most)
-    into the ring slots of their tokens (token i in slot i % window), which become the only valid slots."""
-    seen = cache.get_seq_length()
-    for valid in static.valid.values():
-        valid.zero_()
-    for target, source in zip(static.layers, cache.layers, strict=True):
-        if isinstance(target, MixerCacheLayer):
-            target.store(**source.states)
-            continue
-        if not isinstance(source, FixedWindowLayer):
-            raise TypeError(
-                f"Static answers read a stream's sliding-window layers as FixedWindowLayers, got "
-                f"{type(source).__name__}: stream with static_decode=False under this attention implementation."
-            )
-        keys, values = source.kept()
-        kept = keys.shape[-2]
-        slots = torch.arange(seen - kept, seen, device=static.device) % target.capacity
-        target.keys.index_copy_(2, slots, keys)
-        target.values.index_copy_(2, slots, values)
-        static.valid[target.capacity].index_fill_(1, slots, True)
-    static.length.fill_(seen)
-    static.seen_tokens = seen
-    static.advance_host(0)
 
 
 class StreamingSession:
@@ -103,9 +65,9 @@ class StreamingSession:
     frame_size: 448 or (height, width), multiples of the ViT's patch x merge size (28 for Qwen2.5-VL); frames
     of another size are resized on the device. system_prompt: None keeps the chat template's default.
     cuda_graphs: capture the frame encoder and the per-frame prefill in CUDA graphs (default: on CUDA).
-    static_decode: decode answers over a static hybrid cache (`hybridize.inference.decode.StaticDecoder`, its
-    decode step a CUDA graph on CUDA) instead of a branch of the stream's DynamicCache (default: on CUDA, for
-    models without growing layers and with SDPA or eager attention).
+    static_decode: decode answers with a `hybridize.inference.decode.StaticDecoder` over the stream's static cache
+    (its decode step a CUDA graph on CUDA) instead of one forward per token (default: on CUDA, for models without
+    growing layers and with SDPA or eager attention, which stream into a static cache).
     allow_growing_cache: stream into a model with full-attention layers, whose cache grows with every frame.
     compile: torch.compile the vision blocks and the captured per-frame prefill (CUDA graphs only; the first
     frames compile, about a minute for Qwen2.5-VL-3B). The model's vision blocks stay compiled after the session
@@ -164,15 +126,16 @@ class StreamingSession:
         self.encoder = FrameEncoder(
             model, processor, self.prompt, self.frame_size, use_graph=cuda_graphs, compile=compile
         )
-        # Fixed windows and the static answer cache both need a fixed-size cache and an attention
-        # implementation whose masks they can replace.
+        # A static cache needs a model without growing layers and an attention implementation whose masks the
+        # stream and the static decoder can replace.
         implementation = configured_attention(model.config.get_text_config(decoder=True))
-        self.window_cache = not self.growing and implementation in SUPPORTED_ATTENTION
+        self.static_cache = not self.growing and implementation in SUPPORTED_ATTENTION
         if static_decode is None:
-            static_decode = device.type == "cuda" and self.window_cache
-        if static_decode and self.growing:
+            static_decode = device.type == "cuda" and self.static_cache
+        if static_decode and not self.static_cache:
             raise ValueError(
-                "static_decode needs a model without growing layers (its cache has a fixed size)."
+                "static_decode needs a model without growing layers (its cache has a fixed size) and "
+                f"attn_implementation in {SUPPORTED_ATTENTION}, got {implementation!r}."
             )
         self.static_decode = static_decode
         self.static_answers: StaticAnswers | None = None  # built by the first question
@@ -192,15 +155,20 @@ class StreamingSession:
 
     @torch.inference_mode()
     def reset(self) -> None:
-        """Start a new stream: an empty cache with the system turn and the start of the user turn prefilled."""
+        """Start a new stream: an empty cache with the system turn and the start of the user turn prefilled (a
+        static cache keeps its buffers, and the answers' captured step with them)."""
+        previous = getattr(self, "state", None)
         self.state = StreamState(
-            self.model, full_attention_mask=bool(self.growing), window_cache=self.window_cache
+            self.model,
+            full_attention_mask=bool(self.growing),
+            static=self.static_cache,
+            cache=previous.cache if previous is not None and previous.static else None,
         )
         self.state.prefill_text(self.prompt.prefix_ids)
         self.frames = 0
         self.captured: CapturedPrefill | None = None
-        self.capture_prefill = self.cuda_graphs and not self.growing
-        self.steady = False  # the last eager frame left the cache's shapes as they were
+        # the frame prefill is captured once the cache holds every state (after the first frame)
+        self.capture_prefill = self.cuda_graphs and self.static_cache
 
     @property
     def prefill_graph(self) -> torch.cuda.CUDAGraph | None:
@@ -213,9 +181,9 @@ class StreamingSession:
         not waited for: a frame in pinned host memory must stay unchanged until the GPU has copied it."""
         embeds = self.encoder(frame)
         positions = self.frame_positions + self.state.position
-        if self.captured is None and self.capture_prefill and self.steady:
+        if self.captured is None and self.capture_prefill and self.frames:
             full = self.state.window_full()
-            # With fixed windows, the graph for a full window is captured now too, though it runs later.
+            # The graph for full windows is captured now too, though it runs later.
             phases = (None,) if full is None else ((True,) if full else (False, True))
             try:
                 self.captured = CapturedPrefill(
@@ -231,9 +199,7 @@ class StreamingSession:
             self.captured(embeds, positions)
             self.state.position += self.prompt.frame_span
         else:
-            shapes = cache_shapes(self.state.cache)
             self.state.prefill(embeds, positions, self.prompt.frame_span)
-            self.steady = shapes == cache_shapes(self.state.cache)
         self.frames += 1
 
     @torch.inference_mode()
@@ -253,14 +219,29 @@ class StreamingSession:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
         question_ids = self.tokenizer(question + self.prompt.suffix, add_special_tokens=False)["input_ids"]
-        if self.static_decode:
-            if self.static_answers is None:
-                self.static_answers = StaticAnswers(self.model)
-            logits, step = self.static_answers.start(self.state, question_ids)
-        else:
+        if not self.state.static:  # a copy of the growing cache
             branch = self.state.branch()
             branch.prefill_text(question_ids)
-            logits, step = branch.logits(), branch.decode
+            return self._answer(question_ids, branch.logits(), branch.decode, max_new_tokens, do_sample)
+        with self.state.saved_for_answer(len(question_ids) + max_new_tokens) as state:
+            if self.static_decode:
+                if self.static_answers is None or self.static_answers.cache is not state.cache:
+                    self.static_answers = StaticAnswers(self.model, state.cache)
+                logits, step = self.static_answers.start(state, question_ids)
+            else:
+                state.prefill_text(question_ids)
+                logits, step = state.logits(), state.decode
+            return self._answer(question_ids, logits, step, max_new_tokens, do_sample)
+
+    def _answer(
+        self,
+        question_ids: list[int],
+        logits: torch.Tensor,
+        step: Callable[[int], torch.Tensor],
+        max_new_tokens: int,
+        do_sample: bool,
+    ) -> list[int]:
+        """The answer's tokens from the question's next-token `logits`, feeding each to `step` for the next."""
         prompt = self.prompt_ids(question_ids).to(logits.device)  # (prompt,)
         sequence = torch.empty(1, len(prompt) + max_new_tokens, dtype=torch.long, device=logits.device)
         sequence[0, : len(prompt)] = prompt

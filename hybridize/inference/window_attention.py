@@ -1,10 +1,10 @@
 """Sliding-window attention over a preallocated window: a stream's keys in fixed tensors, one flash call per layer.
 
-A stream's sliding-window layer keeps its last `window - 1` keys and values in a `FixedWindowLayer`: tensors of
-that size from the first token on (the slots without a token yet at the front, zero), so that the cache's
-memory and shapes are the same at every frame and the per-frame prefill can be captured in CUDA graphs at the
-second frame. Its attention is told which slots hold no token by a `WindowKeys` passed in place of the mask, and
-runs as:
+Under a static cache's fixed-window prefill (`hybridize.inference.static_cache.StaticHybridCache.
+fixed_window_prefill`) a stream's sliding-window layer gets its `window - 1` most recent slots, oldest first, from
+the first token on (the slots without a token yet at the front), followed by the chunk's tokens, so that the
+shapes are the same at every frame and the per-frame prefill can be captured in CUDA graphs at the second frame.
+Its attention is told how many slots hold no token by a `WindowKeys` passed in place of the mask, and runs as:
 
 - a full window (every slot holds a token): one call of PyTorch's flash attention kernel with its sliding
   window (`window - 1` keys to the left, none to the right, aligned to the last key), which visits only the
@@ -25,58 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
-from hybridize.compat import DynamicSlidingWindowLayer
 from hybridize.mixers.masks import band_mask
 from hybridize.mixers.ops.flash import flash_attention
 
 WINDOW_ATTENTION = "hybridize_window_attention"
-
-
-# ----------------------------------------------------------------------------------------------- cache
-
-
-class FixedWindowLayer(DynamicSlidingWindowLayer):
-    """A sliding-window cache slot whose `window - 1` keys and values are allocated up front, oldest first.
-
-    keys, values: (B, Hkv, window - 1, D); `empty` (a 0-dim int32 device tensor) counts the leading slots that
-    hold no token yet. An update returns the slots followed by the new tokens (what the window attention reads,
-    with `empty` from before it) and keeps the last `window - 1` of them. Every tensor keeps its shape, and the
-    update reads no host value, so a CUDA graph can hold it.
-    """
-
-    def __init__(
-        self,
-        window: int,
-        batch_size: int,
-        num_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ):
-        super().__init__(sliding_window=window)
-        self.dtype, self.device = dtype, torch.device(device)
-        self.keys = torch.zeros(batch_size, num_heads, window - 1, head_dim, dtype=dtype, device=self.device)
-        self.values = torch.zeros_like(self.keys)
-        self.empty = torch.tensor(window - 1, dtype=torch.int32, device=self.device)
-        self._sliding_window_tensor = self._sliding_window_tensor.to(self.device)
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        length = key_states.shape[-2]
-        self.cumulative_length += length
-        keys = torch.cat([self.keys, key_states], dim=-2)  # (B, Hkv, window - 1 + L, D)
-        values = torch.cat([self.values, value_states], dim=-2)
-        self.keys, self.values = keys[:, :, length:], values[:, :, length:]
-        self.empty = (self.empty - length).clamp(min=0)
-        return keys, values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.sliding_window - 1 + query_length, self.cumulative_length - self.sliding_window + 1
-
-    def kept(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys and values of the tokens held (the slots that are not empty)."""
-        held = min(self.cumulative_length, self.sliding_window - 1)
-        return self.keys[:, :, self.keys.shape[2] - held :], self.values[:, :, self.values.shape[2] - held :]
 
 
 # ----------------------------------------------------------------------------------------------- attention
@@ -84,7 +36,7 @@ class FixedWindowLayer(DynamicSlidingWindowLayer):
 
 @dataclass(frozen=True)
 class WindowKeys:
-    """What a sliding-window layer over a `FixedWindowLayer` attends to, passed in place of its mask.
+    """What a sliding-window layer under a fixed-window prefill attends to, passed in place of its mask.
 
     The keys are the layer's `window - 1` slots followed by the chunk's own tokens; the first `empty` slots
     hold no token (a device tensor read before the update). `full`: known on the host to be 0, so one batched
@@ -118,12 +70,12 @@ def window_attention(
     sliding_window: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers' attention interface over a `FixedWindowLayer`'s keys: query (B, Hq, Lq, D), key and value
+    """transformers' attention interface over a fixed-window prefill's keys: query (B, Hq, Lq, D), key and value
     (B, Hkv, window - 1 + Lq, D). Returns ((B, Lq, Hq, D), None) like transformers' SDPA attention."""
     if not isinstance(attention_mask, WindowKeys):
         raise TypeError(
             f"{WINDOW_ATTENTION!r} attention reads a WindowKeys in place of the mask (a stream's sliding-window "
-            f"layers over a FixedWindowLayer), got {type(attention_mask).__name__}; use 'sdpa' elsewhere."
+            f"layers under a fixed-window prefill), got {type(attention_mask).__name__}; use 'sdpa' elsewhere."
         )
     if sliding_window is not None and sliding_window != attention_mask.window:
         raise ValueError(f"The layer's window is {sliding_window}, its cache's {attention_mask.window}.")

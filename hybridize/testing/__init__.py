@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from hybridize.converters.discovery import rotary_kind
-from hybridize.inference.window_attention import FixedWindowLayer
+from hybridize.inference.static_cache import StaticAttentionLayer
 from hybridize.mixers.cache import MixerCacheLayer
 
 
@@ -46,13 +46,14 @@ def greedy_decode_without_cache(model, inputs: dict, steps: int) -> torch.Tensor
 
 def held_states(cache) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of the tokens' states a cache holds, comparable between cache kinds (a stream's and the
-    `DynamicCache` of one forward over the same tokens): a mixer layer's states by name, a fixed window's
-    occupied slots, any other attention layer's keys and values (a sliding window's: the tokens it keeps)."""
+    `DynamicCache` of one forward over the same tokens): a mixer layer's states by name, a static cache layer's
+    reachable tokens oldest first, any other attention layer's keys and values (a sliding window's: the tokens it
+    keeps)."""
     held = []
     for layer in cache.layers:
         if isinstance(layer, MixerCacheLayer):
             held += list(layer.states.items())
-        elif isinstance(layer, FixedWindowLayer):
+        elif isinstance(layer, StaticAttentionLayer):
             held += list(zip(("keys", "values"), layer.kept(), strict=True))
         else:
             held += [("keys", layer.keys), ("values", layer.values)]

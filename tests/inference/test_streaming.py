@@ -15,7 +15,6 @@ from hybridize.compat import configured_attention, output_cache, set_attention_i
 from hybridize.converters import convert, plan_layers, save_hybrid
 from hybridize.inference import stream_state
 from hybridize.inference.frames import FrameEncoder, build_frame_prompt
-from hybridize.inference.stream_state import LayerSnapshot, cache_tensor_slots
 from hybridize.inference.streaming import StreamingSession
 from hybridize.inference.vision_attention import PACKED_ATTENTION
 from hybridize.media import sample_video, video_duration
@@ -206,10 +205,10 @@ def test_ask_leaves_the_stream_untouched_and_answers_like_generate(hybrid64, tin
     processor = tiny_teacher[1]
     stream = frames(12)
     session = stream_of(hybrid64, processor, stream[:6], frame_size=56)
-    before = [tensor.clone() for _, _, tensor in cache_tensor_slots(session.state.cache)]
+    before = [tensor.clone() for tensor in session.state.tensors()]
     position = session.position
     answer = session.ask_ids(QUESTION, max_new_tokens=8)
-    after = [tensor for _, _, tensor in cache_tensor_slots(session.state.cache)]
+    after = session.state.tensors()
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)) and len(before) == len(after)
     assert session.position == position and session.frames == 6
 
@@ -302,9 +301,10 @@ def test_full_attention_models_are_refused_unless_growth_is_allowed(tiny_teacher
 
 
 class ReplayedStep:
-    """A CPU stand-in for a CUDA graph over a `CapturedPrefill` step: capture runs the step once and then undoes
-    what it did to the cache's tensors (a capture executes no kernel); replay runs it again with the layers'
-    Python attributes put back afterwards (a replay runs no Python) and writes into the captured output."""
+    """A CPU stand-in for a CUDA graph over a `CapturedPrefill` step: capture runs the warm-ups, then the step once
+    with what it did to the cache undone (a capture runs the Python but executes no kernel); replay runs the step
+    again with the host's counts put back afterwards (a replay runs no Python) and writes into the captured
+    output."""
 
     def __init__(self, step, output, cache):
         self.step, self.output, self.cache = step, output, cache
@@ -318,10 +318,9 @@ class ReplayedStep:
             )  # later graphs share the first one's pool
             for _ in range(2):
                 warmup()
-            before = [tensor.clone() for _, _, tensor in cache_tensor_slots(cache)]
+            saved = cache.clone()
             output = step()
-            for (_, _, tensor), saved in zip(cache_tensor_slots(cache), before, strict=True):
-                tensor.copy_(saved)
+            cache.copy_from(saved)
             captured.append(cls(step, output, cache))
             return captured[-1], output
 
@@ -331,17 +330,18 @@ class ReplayedStep:
         return ("pool", id(self))
 
     def replay(self):
-        snapshots = [LayerSnapshot(layer) for layer in self.cache.layers]
+        host = self.cache.seen_tokens, list(self.cache.row_tokens)
         result = self.step()
-        for snapshot in snapshots:
-            snapshot.restore()
+        self.cache.seen_tokens, self.cache.row_tokens = host
+        self.cache.advance_host(0)
         self.output.copy_(result)
         self.replays += 1
 
 
 def test_captured_prefill_bookkeeping_equals_eager(hybrid64, tiny_teacher, monkeypatch):
-    """What the prefill graphs rely on, short of CUDA: fixed buffers, copy-back, counters advanced by hand, the
-    graph of a filling window and of a full one captured at the second frame and each replayed in its phase."""
+    """What the prefill graphs rely on, short of CUDA: a step that writes only into the cache's buffers and its
+    device-side counts, host counts advanced by hand, the graph of a filling window and of a full one captured at
+    the second frame and each replayed in its phase, a question answered on the stream in between."""
     processor, stream = tiny_teacher[1], frames(16)
     captured = StreamingSession(hybrid64, processor, frame_size=56, cuda_graphs=False)
     eager = StreamingSession(hybrid64, processor, frame_size=56, cuda_graphs=False)
@@ -350,6 +350,7 @@ def test_captured_prefill_bookkeeping_equals_eager(hybrid64, tiny_teacher, monke
         stream_state, "capture_cuda_graph", ReplayedStep.capturing(captured.state.cache, graphs)
     )
     captured.capture_prefill = True
+    buffers = [tensor.data_ptr() for tensor in captured.state.tensors()[:-1]]
     sizes, full_from = {}, None
     for frame in stream:
         full = captured.state.window_full()
@@ -358,7 +359,10 @@ def test_captured_prefill_bookkeeping_equals_eager(hybrid64, tiny_teacher, monke
         eager.add_frame(frame)
         sizes[captured.frames] = captured.cache_bytes()
         assert (captured.prefill_graph is not None) == (captured.frames >= 2)
+        if captured.frames == 7:
+            assert captured.ask_ids(QUESTION, 4) == eager.ask_ids(QUESTION, 4)
     assert sizes[2] == sizes[16]
+    assert [tensor.data_ptr() for tensor in captured.state.tensors()[: len(buffers)]] == buffers
     assert len(graphs) == 2 and 2 < full_from < 14  # captured at frame 2: the window filled later
     assert graphs[0].replays == full_from - 1 and graphs[1].replays == 16 - full_from
     assert_same_states(captured.state.cache, eager.state.cache, exact=True)
@@ -393,9 +397,7 @@ def test_cuda_graphs_equal_eager(tiny_hybrid, tiny_teacher):
 
 
 def assert_close_states(first: StreamingSession, second: StreamingSession) -> None:
-    for (_, key, a), (_, _, b) in zip(
-        cache_tensor_slots(first.state.cache), cache_tensor_slots(second.state.cache), strict=True
-    ):
+    for (key, a), (_, b) in zip(held_states(first.state.cache), held_states(second.state.cache), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=key)
     assert first.state.cache.get_seq_length() == second.state.cache.get_seq_length()
 

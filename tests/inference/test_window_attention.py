@@ -1,15 +1,15 @@
-"""The fixed window cache and its attention against sliding-window SDPA over the whole sequence."""
+"""A static cache's sliding-window layer under its fixed-window prefill, and the window attention, against
+sliding-window SDPA over the whole sequence."""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybridize.inference.window_attention import FixedWindowLayer, WindowKeys, window_attention
+from hybridize.inference.static_cache import SLIDING, LayerLayout, StaticHybridCache
+from hybridize.inference.window_attention import WindowKeys, window_attention
 from hybridize.mixers.ops.flash import flash_kernel_usable
 from tests.conftest import needs_cuda, relative_rms
 
@@ -29,18 +29,36 @@ def sliding_reference(query, key, value, window: int, scale: float) -> torch.Ten
     return out.transpose(1, 2)
 
 
+def window_cache(window: int, like: torch.Tensor) -> StaticHybridCache:
+    """A static cache of one sliding-window layer for keys like `like` (B, Hkv, T, D)."""
+    batch, kv_heads, _, head_dim = like.shape
+    return StaticHybridCache(
+        [LayerLayout(SLIDING, window, kv_heads, head_dim)], batch, like.dtype, like.device
+    )
+
+
+def prefill_fixed(cache: StaticHybridCache, key: torch.Tensor, value: torch.Tensor):
+    """One chunk through the layer under the fixed-window prefill, recorded in the cache; the keys and values
+    the chunk attends to."""
+    with cache.fixed_window_prefill():
+        keys, values = cache.layers[0].update(key, value)
+    valid = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
+    cache.record_tokens(valid, torch.zeros(key.shape[0], 1, dtype=torch.long, device=key.device))
+    return keys, values
+
+
 def stream_chunks(query, key, value, window: int, flash: bool, chunks=CHUNKS) -> tuple[torch.Tensor, list]:
-    """Feed the sequence chunk by chunk through a FixedWindowLayer and window_attention; (B, T, H, D) and the
-    phase (window full or not) of each chunk."""
-    batch, kv_heads, _, head_dim = key.shape
-    layer = FixedWindowLayer(window, batch, kv_heads, head_dim, key.dtype, key.device)
+    """Feed the sequence chunk by chunk through a static cache's sliding-window layer under its fixed-window
+    prefill and window_attention; (B, T, H, D) and the phase (window full or not) of each chunk."""
+    batch, _, _, head_dim = key.shape
+    cache = window_cache(window, key)
     outs, phases, start = [], [], 0
     for length in chunks:
         piece = slice(start, start + length)
-        full = layer.cumulative_length >= window - 1
-        keys = WindowKeys(window=window, empty=layer.empty, full=full, flash=flash)
-        all_keys, all_values = layer.update(key[:, :, piece], value[:, :, piece])
-        assert all_keys.shape[2] == window - 1 + length and layer.keys.shape[2] == window - 1
+        full = cache.seen_tokens >= window - 1
+        keys = WindowKeys(window=window, empty=cache.layers[0].empty_slots(), full=full, flash=flash)
+        all_keys, all_values = prefill_fixed(cache, key[:, :, piece], value[:, :, piece])
+        assert all_keys.shape[2] == window - 1 + length and cache.layers[0].keys.shape[2] == window
         out, weights = window_attention(
             nn.Module(), query[:, :, piece], all_keys, all_values, keys, scaling=0.25, sliding_window=window
         )
@@ -64,20 +82,31 @@ def test_chunks_through_the_fixed_window_equal_sliding_sdpa(dtype, kv_heads):
 
 
 def test_the_layer_keeps_the_last_window_of_tokens_in_fixed_tensors():
-    layer = FixedWindowLayer(6, 1, 2, 4, torch.float32, "cpu")
     tokens = torch.arange(1, 10, dtype=torch.float32).view(1, 1, 9, 1).expand(1, 2, 9, 4)
-    shapes, kept = set(), []
+    cache = window_cache(6, tokens)
+    layer = cache.layers[0]
+    buffers = layer.keys.data_ptr(), layer.values.data_ptr()
+    shapes, kept, handed = set(), [], []
     for start, length in [(0, 2), (2, 1), (3, 4), (7, 2)]:
-        layer.update(tokens[:, :, start : start + length], -tokens[:, :, start : start + length])
+        assert int(layer.empty_slots()) == max(5 - cache.seen_tokens, 0)
+        keys, _ = prefill_fixed(
+            cache, tokens[:, :, start : start + length], -tokens[:, :, start : start + length]
+        )
         shapes.add(tuple(layer.keys.shape))
+        handed.append(keys[0, 0, :, 0].tolist())
         kept.append(layer.kept()[0][0, 0, :, 0].tolist())
-        assert int(layer.empty) == max(5 - layer.cumulative_length, 0)
-    assert shapes == {(1, 2, 5, 4)}
+    assert shapes == {(1, 2, 6, 4)} and (layer.keys.data_ptr(), layer.values.data_ptr()) == buffers
+    assert handed[1] == [0, 0, 0, 1, 2, 3] and handed[3] == [3, 4, 5, 6, 7, 8, 9]  # empty slots first, zero
     assert kept == [[1, 2], [1, 2, 3], [3, 4, 5, 6, 7], [5, 6, 7, 8, 9]]
     assert torch.equal(layer.kept()[1], -layer.kept()[0])
-    branch = copy.deepcopy(layer)
-    branch.update(tokens[:, :, :1], tokens[:, :, :1])
+    branch = cache.clone()
+    prefill_fixed(branch, tokens[:, :, :1], tokens[:, :, :1])
     assert layer.kept()[0][0, 0, :, 0].tolist() == [5, 6, 7, 8, 9]
+    restore = cache.save_for_tokens(3)
+    prefill_fixed(cache, tokens[:, :, :3], tokens[:, :, :3])
+    assert layer.kept()[0][0, 0, :, 0].tolist() == [8, 9, 1, 2, 3]
+    restore()
+    assert layer.kept()[0][0, 0, :, 0].tolist() == [5, 6, 7, 8, 9] and cache.seen_tokens == 9
 
 
 def test_window_attention_refuses_other_masks_and_windows():

@@ -374,6 +374,28 @@ def test_captured_prefill_bookkeeping_equals_eager(hybrid64, tiny_teacher, monke
     assert_same_states(captured.state.cache, eager.state.cache, exact=True)
 
 
+@pytest.mark.slow
+def test_compiled_captured_prefill_equals_eager(hybrid64, tiny_teacher, monkeypatch):
+    """The captured prefill with its forward through torch.compile (traced on the warm-ups over the stream's own
+    state, which is put back after each): the same states, logits and answers as eager (CPU stand-in for the graph;
+    about 30 s of compilation on 2 cores)."""
+    processor, stream = tiny_teacher[1], frames(6)
+    captured = StreamingSession(hybrid64, processor, frame_size=56, cuda_graphs=False)
+    eager = StreamingSession(hybrid64, processor, frame_size=56, cuda_graphs=False)
+    graphs = []
+    monkeypatch.setattr(
+        stream_state, "capture_cuda_graph", ReplayedStep.capturing(captured.state.cache, graphs)
+    )
+    captured.capture_prefill, captured.compile = True, True
+    for frame in stream:
+        captured.add_frame(frame)
+        eager.add_frame(frame)
+    assert len(graphs) == 2 and captured.captured.run is not stream_state.StreamState.run
+    assert_close_states(captured, eager)
+    torch.testing.assert_close(captured.next_token_logits(), eager.next_token_logits())
+    assert captured.ask_ids(QUESTION, 4) == eager.ask_ids(QUESTION, 4)
+
+
 @needs_cuda("CUDA graphs need a GPU")
 def test_cuda_graphs_equal_eager(tiny_hybrid, tiny_teacher):
     model = copy.deepcopy(tiny_hybrid).cuda()

@@ -338,18 +338,25 @@ class ReplayedStep:
         self.replays += 1
 
 
+def captured_and_eager(model, processor, monkeypatch, compile: bool = False):
+    """Two sessions on the CPU: one whose prefill is captured (in `ReplayedStep`s, listed in the third value) from
+    the second frame on, one eager."""
+    captured = StreamingSession(model, processor, frame_size=56, cuda_graphs=False)
+    eager = StreamingSession(model, processor, frame_size=56, cuda_graphs=False)
+    graphs = []
+    monkeypatch.setattr(
+        stream_state, "capture_cuda_graph", ReplayedStep.capturing(captured.state.cache, graphs)
+    )
+    captured.capture_prefill, captured.compile = True, compile
+    return captured, eager, graphs
+
+
 def test_captured_prefill_bookkeeping_equals_eager(hybrid64, tiny_teacher, monkeypatch):
     """What the prefill graphs rely on, short of CUDA: a step that writes only into the cache's buffers and its
     device-side counts, host counts advanced by hand, the graph of a filling window and of a full one captured at
     the second frame and each replayed in its phase, a question answered on the stream in between."""
     processor, stream = tiny_teacher[1], frames(16)
-    captured = StreamingSession(hybrid64, processor, frame_size=56, cuda_graphs=False)
-    eager = StreamingSession(hybrid64, processor, frame_size=56, cuda_graphs=False)
-    graphs = []
-    monkeypatch.setattr(
-        stream_state, "capture_cuda_graph", ReplayedStep.capturing(captured.state.cache, graphs)
-    )
-    captured.capture_prefill = True
+    captured, eager, graphs = captured_and_eager(hybrid64, processor, monkeypatch)
     buffers = [tensor.data_ptr() for tensor in captured.state.tensors()[:-1]]
     sizes, full_from = {}, None
     for frame in stream:
@@ -380,13 +387,7 @@ def test_compiled_captured_prefill_equals_eager(hybrid64, tiny_teacher, monkeypa
     state, which is put back after each): the same states, logits and answers as eager (CPU stand-in for the graph;
     about 30 s of compilation on 2 cores)."""
     processor, stream = tiny_teacher[1], frames(6)
-    captured = StreamingSession(hybrid64, processor, frame_size=56, cuda_graphs=False)
-    eager = StreamingSession(hybrid64, processor, frame_size=56, cuda_graphs=False)
-    graphs = []
-    monkeypatch.setattr(
-        stream_state, "capture_cuda_graph", ReplayedStep.capturing(captured.state.cache, graphs)
-    )
-    captured.capture_prefill, captured.compile = True, True
+    captured, eager, graphs = captured_and_eager(hybrid64, processor, monkeypatch, compile=True)
     for frame in stream:
         captured.add_frame(frame)
         eager.add_frame(frame)

@@ -24,6 +24,7 @@ row stays exact while it holds at most `max_length` tokens of its own (`row_toke
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -89,9 +90,15 @@ class StaticAttentionLayer(WindowSlot, DynamicLayer):
 
     is_croppable = False
 
+    @property
+    def cache(self) -> StaticHybridCache:
+        return self._cache()
+
     def __init__(self, cache: StaticHybridCache, layout: LayerLayout):
         super().__init__()
-        self.cache = cache
+        # weakly: a strong reference back would make every cache a reference cycle, its GPU buffers freed only
+        # when Python's cycle collector happens to run, not when the last user lets go of it
+        self._cache = weakref.ref(cache)
         self.capacity = layout.capacity
         self.window = layout.capacity if layout.kind == SLIDING else None
         self.is_sliding = self.window is not None

@@ -4,7 +4,9 @@ flip a token: any difference is a bug), the CUDA-graph step against the eager on
 from __future__ import annotations
 
 import copy
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -174,6 +176,23 @@ def test_copy_from_restores_a_branch(llama_hybrid, monkeypatch):
     for got, want in zip(replayed, expected, strict=True):
         assert torch.equal(got, want)
     assert len(calls) == 5 * 3 and configured_attention(llama_hybrid.config) == "sdpa"
+
+
+def test_caches_are_freed_when_let_go_without_the_cycle_collector(llama_hybrid):
+    """A cache, its clone and a decoder over it hold no reference cycle: their (GPU) buffers go as soon as the
+    last user lets go, not whenever Python's cycle collector next runs (a layer once held its cache strongly)."""
+    gc.collect()
+    gc.disable()
+    try:
+        cache = StaticHybridCache.for_model(llama_hybrid, 2, 64)
+        decoder = StaticDecoder(llama_hybrid, cache)
+        decoder.step(decoder.prefill(**text_batch()).argmax(-1))
+        saved = cache.clone()
+        alive = [weakref.ref(thing) for thing in (cache, saved, decoder, saved.layers[0].keys)]
+        del cache, saved, decoder
+        assert [ref() for ref in alive] == [None] * len(alive)
+    finally:
+        gc.enable()
 
 
 def test_bad_inputs_fail_before_any_work(llama_hybrid):

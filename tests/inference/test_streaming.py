@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from hybridize.compat import configured_attention, output_cache, set_attention_i
 from hybridize.converters import convert, plan_layers, save_hybrid
 from hybridize.inference import stream_state
 from hybridize.inference.frames import FrameEncoder, build_frame_prompt
+from hybridize.inference.static_cache import StaticHybridCache
 from hybridize.inference.streaming import StreamingSession
 from hybridize.inference.vision_attention import PACKED_ATTENTION
 from hybridize.media import sample_video, video_duration
@@ -379,6 +381,27 @@ def test_captured_prefill_bookkeeping_equals_eager(hybrid64, tiny_teacher, monke
     captured.add_frame(stream[0])
     eager.add_frame(stream[0])
     assert_same_states(captured.state.cache, eager.state.cache, exact=True)
+
+
+def test_streams_leave_no_cycles_holding_their_buffers(hybrid64, tiny_teacher, monkeypatch):
+    """The captured prefill's put-back copy of the stream, the answers' saved slots and the sessions themselves
+    go when let go, not whenever Python's cycle collector next runs: on a GPU each is the whole state."""
+    gc.collect()
+    gc.disable()
+    try:
+        captured, eager, _ = captured_and_eager(hybrid64, tiny_teacher[1], monkeypatch)
+        for frame in frames(4):
+            captured.add_frame(frame)
+            eager.add_frame(frame)
+        assert captured.ask_ids(QUESTION, 3) == eager.ask_ids(QUESTION, 3)
+        caches = [thing for thing in gc.get_objects() if isinstance(thing, StaticHybridCache)]
+        assert sorted(map(id, caches)) == sorted([id(captured.state.cache), id(eager.state.cache)])
+        # (the captured one's stand-in for a CUDA graph holds its step, and so the session: a graph does not)
+        alive = [weakref.ref(thing) for thing in (eager, eager.state, eager.state.cache)]
+        del eager, caches
+        assert [ref() for ref in alive] == [None] * len(alive)
+    finally:
+        gc.enable()
 
 
 @pytest.mark.slow

@@ -112,7 +112,13 @@ def test_round_trip_after_fusing(llama_hybrid, tmp_path):
     fuse_projections(model)
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path, dtype=torch.float64).eval()
-    assert torch.equal(logits(loaded, ids), logits(llama_hybrid, ids))
+    expected = llama_hybrid.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    assert all(torch.equal(p, expected[name]) for name, p in loaded.state_dict().items())
+    # Equal weights, equal outputs up to rounding: the loaded weights are mapped from the file at offsets that
+    # are not 64-byte aligned, and CPU products over them take other kernels (last-bit differences; aligned
+    # copies of the same weights give identical logits).
+    assert relative_rms(logits(llama_hybrid, ids), logits(loaded, ids)) < 1e-13
 
 
 def test_mlp_of_another_formula_is_left_alone():

@@ -28,6 +28,7 @@ from hybridize.lightning_modules.stage import head_is_last
 from hybridize.lightning_modules.teacher import distilled_layers
 from hybridize.mixers import TokenMixer
 from hybridize.presets import tiny_model
+from tests.conftest import relative_rms
 from tests.lightning_modules.conftest import (
     LAYERS,
     PLAN,
@@ -365,7 +366,11 @@ def test_lora_stage_trains_only_adapters_and_merges_back(tmp_path):
     reloaded = hybridize.load(out)
     assert not any("lora" in n for n, _ in reloaded.named_parameters())
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(**inputs).logits, adapted, rtol=1e-4, atol=1e-4)
+        merged = reloaded(**inputs).logits
+    # The same function up to fp32 rounding (W + BA against xW + (xA)B, through the x30 head: 3e-6 relative
+    # RMS, 3e-5 of the largest logit at worst); without the adapters the logits are off by 1.5 relative RMS.
+    assert relative_rms(adapted, merged) < 1e-5
+    assert (merged - adapted).abs().max() < 1e-4 * adapted.abs().max()
     assert read_plan(out)["hybridize"]["stages"][-1]["stage"] == "long_sequence_sft"
 
 

@@ -13,13 +13,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hybridize.mixers.base import INIT_POLICIES, AttentionSpec, MixerConfig, TokenMixer
 from hybridize.mixers.modules import GatedRMSNorm, ShortConvolution
 from hybridize.mixers.ops.backends import check_backend
-from hybridize.mixers.ops.dtypes import compute_dtype
 from hybridize.mixers.ops.gated_delta_rule import gated_delta_rule
 from hybridize.mixers.registry import register_mixer
 from hybridize.mixers.transfer import check_transfer_shapes, teacher_projections
@@ -188,18 +186,17 @@ class GatedDeltaNetMixer(TokenMixer):
         q = q.view(batch, length, self.num_heads, self.head_k_dim)
         k = k.view(batch, length, self.num_heads, self.head_k_dim)
         v = v.view(batch, length, self.num_heads, self.head_v_dim)
-        dtype = compute_dtype(hidden_states)
-        beta = b.to(dtype).sigmoid()
-        g = -self.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + self.dt_bias.to(dtype))
-        if valid is not None:
-            beta, g = beta * valid[..., None], g * valid[..., None]
+        if valid is not None:  # padded positions neither decay nor write (g = 0, beta = 0)
+            a, b = (x.masked_fill(~valid[..., None], float("-inf")) for x in (a, b))
 
+        # the gates a, b -> g, beta are computed by the kernel where it can (fla's decode step)
         out, recurrent = gated_delta_rule(
             q,
             k,
             v,
-            g,
-            beta,
+            a,
+            b,
+            gate_params=(self.A_log, self.dt_bias),
             initial_state=states.get("recurrent"),
             output_final_state=slot is not None,
             backend=self.config.backend,

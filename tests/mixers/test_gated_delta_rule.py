@@ -11,6 +11,7 @@ from transformers.models.qwen3_next import modeling_qwen3_next
 from hybridize.mixers.ops import (
     chunk_gated_delta_rule_torch,
     gated_delta_rule,
+    gated_delta_rule_gates,
     l2norm,
     recurrent_gated_delta_rule_torch,
 )
@@ -132,6 +133,68 @@ def test_dispatcher_normalises_and_picks_modes():
         gated_delta_rule(q, k, v, g, beta, mode="parallel")
     with pytest.raises(RuntimeError, match="hybridize\\[cuda\\]"):
         gated_delta_rule(q, k, v, g, beta, backend="fla")
+
+
+def raw_gates(batch, length, heads, seed=0):
+    """Gated DeltaNet's raw decay and write projections a, b (B, T, H), as views of one fused projection
+    (not contiguous), and its per-head A_log, dt_bias (H,)."""
+    generator = torch.Generator().manual_seed(seed)
+    projection = torch.randn(batch, length, 3 * heads, generator=generator)
+    a, b = projection[..., :heads], projection[..., heads : 2 * heads]
+    return a, b, torch.randn(heads, generator=generator), torch.randn(heads, generator=generator)
+
+
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+def test_raw_gates_give_the_explicit_gates_and_minus_inf_is_no_step(mode):
+    q, k, v, _, _, state = random_inputs(2, 9, 3, 8, 16, seed=6)
+    a, b, A_log, dt_bias = raw_gates(2, 9, 3)
+    g, beta = gated_delta_rule_gates(a, b, A_log, dt_bias)
+    assert (g < 0).all() and ((beta > 0) & (beta < 1)).all()
+    common = dict(initial_state=state, output_final_state=True, backend="torch", mode=mode)
+    expected, expected_state = gated_delta_rule(q, k, v, g, beta, **common)
+    out, final = gated_delta_rule(q, k, v, a, b, gate_params=(A_log, dt_bias), **common)
+    assert relative_rms(expected, out) < 1e-6 and relative_rms(expected_state, final) < 1e-6
+
+    # a = b = -inf at position 4 (padding): decay 0, write 0, so the state is as if it were not there
+    skip = torch.arange(9) != 4
+    padded_a, padded_b = (x.masked_fill(~skip[:, None], float("-inf")) for x in (a, b))
+    out, final = gated_delta_rule(q, k, v, padded_a, padded_b, gate_params=(A_log, dt_bias), **common)
+    kept = (x[:, skip] for x in (q, k, v, a, b))
+    without, without_state = gated_delta_rule(*kept, gate_params=(A_log, dt_bias), **common)
+    assert relative_rms(without, out[:, skip]) < 1e-6 and relative_rms(without_state, final) < 1e-6
+
+
+@needs_cuda("fla's kernels need CUDA", fla=True)
+def test_fla_decode_step_computes_the_gates_in_its_kernel():
+    """Raw gates go into fla's fused recurrent kernel (no gate kernels of their own), inside one compiled
+    graph, with fla's tolerances against the fp32 reference; when A_log wants a gradient, the autograd path
+    runs instead of the kernel that has none."""
+    q, k, v, _, _, state = (t.cuda() for t in random_inputs(2, 1, 4, 64, 64, seed=7))
+    a, b, A_log, dt_bias = (t.cuda() for t in raw_gates(2, 1, 4))
+    q, k, v, a, b = (t.to(torch.bfloat16) for t in (q, k, v, a, b))
+
+    def run(q, k, v, a, b, A_log, backend):
+        return gated_delta_rule(
+            q,
+            k,
+            v,
+            a,
+            b,
+            gate_params=(A_log, dt_bias),
+            initial_state=state,
+            output_final_state=True,
+            backend=backend,
+        )
+
+    with torch.no_grad():
+        expected, expected_state = run(q.float(), k.float(), v.float(), a.float(), b.float(), A_log, "torch")
+        compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+        for out, final in (run(q, k, v, a, b, A_log, "fla"), compiled(q, k, v, a, b, A_log, "fla")):
+            assert relative_rms(expected, out) < 0.005 and relative_rms(expected_state, final) < 0.005
+    trained = A_log.clone().requires_grad_()
+    out, _ = run(q, k, v, a, b, trained, "fla")
+    out.float().square().sum().backward()
+    assert trained.grad is not None and trained.grad.isfinite().all() and trained.grad.abs().sum() > 0
 
 
 @needs_cuda("fla's kernels need CUDA", fla=True)

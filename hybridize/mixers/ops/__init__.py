@@ -4,6 +4,7 @@ from hybridize.mixers.ops.backends import fla_available, library_available, reso
 from hybridize.mixers.ops.gated_delta_rule import (
     chunk_gated_delta_rule_torch,
     gated_delta_rule,
+    gated_delta_rule_gates,
     l2norm,
     recurrent_gated_delta_rule_torch,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "chunk_gla_torch",
     "fla_available",
     "gated_delta_rule",
+    "gated_delta_rule_gates",
     "gla",
     "l2norm",
     "library_available",

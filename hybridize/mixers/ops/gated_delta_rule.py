@@ -25,6 +25,17 @@ def l2norm(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + L2NORM_EPS)
 
 
+def gated_delta_rule_gates(
+    a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated DeltaNet's log decay g = -exp(A_log) softplus(a + dt_bias) and write strength beta = sigmoid(b),
+    in the compute dtype, from the raw projections a, b (B, T, H) and the per-head A_log, dt_bias (H,).
+    a = b = -inf gives g = 0, beta = 0: a step that leaves the state as it was."""
+    dtype = compute_dtype(a)
+    g = -A_log.to(dtype).exp() * F.softplus(a.to(dtype) + dt_bias.to(dtype))
+    return g, b.to(dtype).sigmoid()
+
+
 def recurrent_gated_delta_rule_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -132,13 +143,35 @@ def fla_gated_delta_rule(
     use_qk_l2norm: bool,
     chunked: bool,
     cu_seqlens: torch.Tensor | None = None,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fla's chunked (prefill) or fused recurrent (decode) kernels without autograd, as an operator that
     torch.compile keeps whole: fla's Triton launches, and its chunked entry point marked
     `torch.compiler.disable`, would break a compiled model's graph at every layer. Returns the output and the
-    fp32 final state (B, H, K, V), one per packed sequence (N, H, K, V) with cu_seqlens."""
+    fp32 final state (B, H, K, V), one per packed sequence (N, H, K, V) with cu_seqlens.
+
+    With A_log and dt_bias (recurrent only), g and beta are the raw projections a and b, and the kernel
+    computes `gated_delta_rule_gates` itself."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
+    if A_log is not None:
+        return fused_recurrent_gated_delta_rule(
+            q=q,
+            k=k,
+            v=v,
+            g=g,
+            beta=beta,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=use_qk_l2norm,
+            use_gate_in_kernel=True,
+            A_log=A_log,
+            dt_bias=dt_bias,
+            use_beta_sigmoid_in_kernel=True,
+            cu_seqlens=cu_seqlens,
+        )
     kernel = chunk_gated_delta_rule if chunked else fused_recurrent_gated_delta_rule
     return kernel(
         q=q,
@@ -155,7 +188,9 @@ def fla_gated_delta_rule(
 
 
 @fla_gated_delta_rule.register_fake
-def _(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, chunked, cu_seqlens=None):
+def _(
+    q, k, v, g, beta, scale, initial_state, use_qk_l2norm, chunked, cu_seqlens=None, A_log=None, dt_bias=None
+):
     batch, _, heads, value_dim = v.shape  # fla returns a new contiguous output, whatever v's strides
     batch = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
     # in q's dtype from the chunked kernels, in v's from the recurrent one
@@ -177,6 +212,7 @@ def gated_delta_rule(
     backend: str = "auto",
     mode: str = "auto",
     cu_seqlens: torch.Tensor | None = None,
+    gate_params: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the gated delta rule on the best available kernel.
 
@@ -184,18 +220,41 @@ def gated_delta_rule(
     mode: "auto" (recurrent for short inputs without gradients, chunked otherwise), "chunk" or "recurrent".
     cu_seqlens: (N+1,) boundaries of N sequences packed in one row (batch 1), each scanned from an empty
     state: fla's varlen kernels in one call, the torch reference once per sequence.
+    gate_params: (A_log, dt_bias) (H,): g and beta are then Gated DeltaNet's raw projections a and b, turned
+    into the decay and write strength (`gated_delta_rule_gates`) inside fla's fused recurrent kernel (decode:
+    no separate gate kernels), before the scan elsewhere.
     Returns the output in v's dtype and, if asked, the fp32 final state (B, H, K, V).
     """
     backend = resolve_backend(backend, q.device, "gated_delta_rule")
     if cu_seqlens is not None:
         check_packed_inputs(cu_seqlens, q.shape[0], initial_state, output_final_state, "gated_delta_rule")
     length = q.shape[1]
-    mode = choose_mode(mode, backend, length, q, k, v, g, beta)
+    tensors = (q, k, v, g, beta, *(gate_params or ()))
+    mode = choose_mode(mode, backend, length, *tensors)
     if initial_state is not None:
         initial_state = initial_state.to(compute_dtype(v))
 
-    tensors = (q, k, v, g, beta, initial_state)
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+    needs_grad = torch.is_grad_enabled() and any(
+        x.requires_grad for x in (*tensors, initial_state) if x is not None
+    )
+    if gate_params is not None and backend == "fla" and mode == "recurrent" and not needs_grad:
+        out, state = fla_gated_delta_rule(
+            q,
+            k,
+            v,
+            g.contiguous(),  # fla would copy views anyway; here torch.compile can fuse the copies
+            beta.contiguous(),
+            k.shape[-1] ** -0.5 if scale is None else scale,
+            None if initial_state is None else initial_state.float(),
+            use_qk_l2norm,
+            chunked=False,
+            cu_seqlens=cu_seqlens,
+            A_log=gate_params[0],
+            dt_bias=gate_params[1],
+        )
+        return out.to(v.dtype), (state if output_final_state else None)
+    if gate_params is not None:
+        g, beta = gated_delta_rule_gates(g, beta, *gate_params)
     if backend == "fla" and (mode == "recurrent" or not needs_grad):
         out, state = fla_gated_delta_rule(
             q,

@@ -1,5 +1,5 @@
 """What the GPU benchmark scripts share: the report header (command, device, versions, date), results paths,
-redrawing a report's table and plot, and out-of-memory handling."""
+redrawing a report's table and plot, out-of-memory handling and profiles of a step."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import datetime
 import gc
 import json
 import platform
+import re
 import shlex
 import sys
 from importlib import metadata
@@ -123,3 +124,65 @@ def free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def top_operators(profiler, count: int = 25) -> list[dict]:
+    """The `count` operators of a profiled step that took the most device time of their own (CPU time where
+    nothing ran on a device): name, calls and milliseconds, for finding where a step's time goes."""
+    events = profiler.key_averages()
+    device = any(event.self_device_time_total for event in events)
+
+    def own_us(event) -> float:
+        return event.self_device_time_total if device else event.self_cpu_time_total
+
+    ranked = sorted(events, key=own_us, reverse=True)[:count]
+    return [
+        {"operator": event.key[:120], "calls": event.count, "self_ms": round(own_us(event) / 1e3, 3)}
+        for event in ranked
+    ]
+
+
+# Device work of a profiled step by kind, matched in this order on kernel names: fla's (and Mamba's) scans,
+# attention, cuBLAS/CUTLASS products, torch.compile's fused kernels, PyTorch's own (eager) kernels, copies.
+KERNEL_KINDS = (
+    ("linear_attention", r"delta_rule|gla_|chunk_|recurrent|ssd|mamba"),
+    ("attention", r"flash|attn|attention|sdpa|softmax"),
+    ("matmul", r"gemm|gemv|cutlass|xmma|splitk|cublas"),
+    ("fused_pointwise", r"^triton_"),
+    ("eager_pointwise", r"at::native|elementwise|reduce_kernel"),
+    ("copy", r"memcpy|memset"),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, lowered)), "other")
+
+
+def profile_steps(step, steps: int = 8, count: int = 15) -> dict:
+    """`steps` runs of `step` under torch.profiler: device kernels per step (every launch, CUDA-graph replays
+    included), their milliseconds per step in total and by `kernel_kind`, and the `count` costliest kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    kernels = [event for event in profiler.events() if event.device_type == DeviceType.CUDA]
+    by_kind: dict[str, float] = {}
+    for event in kernels:
+        kind = kernel_kind(event.name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + event.time_range.elapsed_us() / 1e3 / steps
+    return {
+        "steps": steps,
+        "kernels_per_step": len(kernels) / steps,
+        "kernel_ms_per_step": sum(by_kind.values()),
+        "kernel_ms_by_kind": {
+            kind: round(ms, 4) for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1])
+        },
+        "top": top_operators(profiler, count),
+    }

@@ -27,6 +27,8 @@ and lm_head weights over the device-to-device copy bandwidth measured at the sta
 
     python benchmarks/decode_latency.py                     # H100: ~8 minutes (estimate), every context
     python benchmarks/decode_latency.py --quick             # 1K and 128K, no prefill, fewer steps: ~3 minutes
+    python benchmarks/decode_latency.py --quick --variants hybrid_static_graph_compiled --profile 8
+                                                            # + kernels per step, by kind (torch.profiler)
     python benchmarks/decode_latency.py --config tiny --device cpu --contexts 32 64   # CPU smoke run
     python benchmarks/decode_latency.py --plot-only benchmarks/results/decode_latency_h100.json
 """
@@ -52,7 +54,7 @@ from hybridize.mixers.cache import MixerCacheLayer
 from hybridize.presets import qwen2_5_vl_3b_config, tiny_qwen2_5_vl_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, pyplot, run_benchmark  # noqa: E402
+from common import free, is_oom, profile_steps, pyplot, run_benchmark  # noqa: E402
 
 VARIANTS = (
     "stock_eager",
@@ -372,6 +374,8 @@ def measure(args, variant: str, model, context: int, device, generator, decoder=
         fill_static_hybrid(decoder.cache, context, generator)
         step = hybrid_static_step(decoder)
     result = time_decode(step, clock, **timing)
+    if args.profile:
+        result["profile"] = profile_steps(step, args.profile)
     result.update(
         peak_gib=peak_gib(device),
         cuda_graph=not eager and cuda_graph,
@@ -497,6 +501,20 @@ def markdown(report: dict) -> str:
                 f"| {key} | {result['seconds']:.3f} | {result['tokens_per_s']:,.0f} | "
                 f"{'' if peak is None else f'{peak:.1f}'} | {'' if after is None else f'{after:.2f}'} |"
             )
+    profiles = [
+        (variant, context, result["profile"])
+        for variant, results in report["decode"].items()
+        for context, result in results.items()
+        if "profile" in result
+    ]
+    if profiles:
+        lines += ["", "| profile (per step) | kernels | kernel ms | by kind (ms) |", "|---|---|---|---|"]
+        for variant, context, profile in profiles:
+            kinds = ", ".join(f"{kind} {ms:.2f}" for kind, ms in profile["kernel_ms_by_kind"].items())
+            lines.append(
+                f"| {variant} {context} | {profile['kernels_per_step']:.0f} | "
+                f"{profile['kernel_ms_per_step']:.2f} | {kinds} |"
+            )
     floors = {name: model.get("floor_ms") for name, model in report["models"].items()}
     if any(floors.values()):
         lines += [
@@ -552,6 +570,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eager-steps", type=int, default=8, help="tokens per timed run (eager variants)")
     parser.add_argument("--eager-repeats", type=int, default=3)
     parser.add_argument("--eager-warmup", type=int, default=2)
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after timing, profile STEPS steps of each variant: kernels per step, their ms by kind, the costliest",
+    )
     parser.add_argument("--quick", action="store_true", help="1K and 128K, fewer steps, no prefill")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)

@@ -84,7 +84,7 @@ from hybridize.mixers.ops.backends import fla_available
 from hybridize.presets import qwen2_5_vl_3b_config, tiny_qwen2_5_vl_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, pyplot  # noqa: E402
+from common import free, is_oom, pyplot, top_operators  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "infinitevl"
@@ -241,22 +241,6 @@ class StepTimer(L.Callback):
                 f"  {self.name} step {len(self.losses)}: {self.seconds[-1]:.3f} s, loss {self.losses[-1]:.6g}",
                 flush=True,
             )
-
-
-def top_operators(profiler, count: int = 25) -> list[dict]:
-    """The `count` operators of a profiled step that took the most device time of their own (CPU time where
-    nothing ran on a device): name, calls and milliseconds, for finding where a step's time goes."""
-    events = profiler.key_averages()
-    device = any(event.self_device_time_total for event in events)
-
-    def own_us(event) -> float:
-        return event.self_device_time_total if device else event.self_cpu_time_total
-
-    ranked = sorted(events, key=own_us, reverse=True)[:count]
-    return [
-        {"operator": event.key[:120], "calls": event.count, "self_ms": round(own_us(event) / 1e3, 3)}
-        for event in ranked
-    ]
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:

@@ -258,10 +258,26 @@ def test_decode_latency_benchmark_smoke(tmp_path, monkeypatch):
     variants = ["stock_eager", "stock_static_graph", "hybrid_eager", "hybrid_static_graph"]
     argv = ["--config", "tiny", "--device", "cpu", "--contexts", "24", "--prefill-contexts", "20"]
     argv += ["--steps", "2", "--repeats", "1", "--warmup", "1", "--eager-steps", "1", "--eager-repeats", "1"]
-    benchmark_script("decode_latency", monkeypatch).main([*argv, "--variants", *variants, "--out", str(out)])
+    argv += ["--profile", "2"]
+    script = benchmark_script("decode_latency", monkeypatch)
+    script.main([*argv, "--variants", *variants, "--out", str(out)])
     report = json.loads(out.read_text())
     assert list(report["decode"]) == variants
     assert all(report["decode"][variant]["24"]["ms_per_token"] > 0 for variant in variants)
+    # On CPU no device kernels run: the profile then ranks operators by CPU time.
+    profile = report["decode"]["hybrid_static_graph"]["24"]["profile"]
+    assert profile["steps"] == 2 and profile["kernels_per_step"] == 0 and profile["top"][0]["self_ms"] > 0
+    assert "| hybrid_static_graph 24 | 0 |" in out.with_suffix(".md").read_text()
+    kinds = {  # kernel names from H100 profiles of the decode step
+        "void gemv2T_kernel_val<int, int, __nv_bfloat16, __nv_bfloat16, float, 128, 16, 4, 4>": "matmul",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64_warpgroupsize1x1x1": "matmul",
+        "fused_recurrent_gated_delta_rule_fwd_kernel": "linear_attention",
+        "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0": "fused_pointwise",
+        "void at::native::elementwise_kernel<128, 2, ...>": "eager_pointwise",
+        "Memcpy DtoD (Device -> Device)": "copy",
+    }
+    kernel_kind = benchmark_script("common", monkeypatch).kernel_kind
+    assert {name: kernel_kind(name) for name in kinds} == kinds
     assert set(report["prefill"]) == {"stock/20", "hybrid/20"}
     assert report["command"].startswith("python benchmarks/decode_latency.py --config tiny")
     assert "| 24 |" in out.with_suffix(".md").read_text()

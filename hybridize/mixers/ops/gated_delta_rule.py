@@ -155,24 +155,10 @@ def fla_gated_delta_rule(
     computes `gated_delta_rule_gates` itself."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
-    if A_log is not None:
-        return fused_recurrent_gated_delta_rule(
-            q=q,
-            k=k,
-            v=v,
-            g=g,
-            beta=beta,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=True,
-            use_qk_l2norm_in_kernel=use_qk_l2norm,
-            use_gate_in_kernel=True,
-            A_log=A_log,
-            dt_bias=dt_bias,
-            use_beta_sigmoid_in_kernel=True,
-            cu_seqlens=cu_seqlens,
-        )
     kernel = chunk_gated_delta_rule if chunked else fused_recurrent_gated_delta_rule
+    gates = {}
+    if A_log is not None:
+        gates = dict(use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True)
     return kernel(
         q=q,
         k=k,
@@ -184,6 +170,7 @@ def fla_gated_delta_rule(
         output_final_state=True,
         use_qk_l2norm_in_kernel=use_qk_l2norm,
         cu_seqlens=cu_seqlens,
+        **gates,
     )
 
 

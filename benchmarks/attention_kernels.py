@@ -18,7 +18,6 @@ Each: CUDA events around one call, 10 warm-up calls, median of 100.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -30,24 +29,10 @@ from hybridize.inference.vision_attention import BlockDiagonalMasks, packed_sdpa
 from hybridize.inference.window_attention import WindowKeys, window_attention, window_band_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import default_output, report_header, write_report  # noqa: E402
+from common import default_output, median_ms, report_header, write_report  # noqa: E402
 
 WINDOW, QUERIES, HEADS, KV_HEADS, HEAD_DIM = 8192, 258, 16, 2, 128
 PATCHES, VIT_WINDOW, VIT_HEADS, VIT_HEAD_DIM = 1024, 64, 16, 80
-
-
-def median_ms(fn, warmup: int = 10, repeats: int = 100) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def window_kernels(device: torch.device) -> dict[str, float]:

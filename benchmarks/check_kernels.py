@@ -33,6 +33,9 @@ from hybridize.mixers.ops.ssd import ssd
 from hybridize.mixers.registry import build_mixer
 from hybridize.presets import QWEN2_5_VL_3B_ATTENTION
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+from common import median_ms  # noqa: E402
+
 # fla's tolerances (RMS(ref - x) / RMS(ref)) by quantity: forward, final state, and gradients of the
 # projected inputs (q, k, v, x, B, C) and of the gates (g, beta, gk, dt, A).
 FORWARD, RECURRENT, STATE, INPUT_GRAD, GATE_GRAD = 0.005, 0.002, 0.005, 0.008, 0.02
@@ -204,24 +207,9 @@ def check_mixer(name, length, device) -> dict:
 def time_layer(name, length, device) -> dict:
     mixer = build_mixer(name, {"backend": "fla"}, QWEN2_5_VL_3B_ATTENTION, 1).to(device, torch.bfloat16)
     x = torch.randn(1, length, 2048, device=device, dtype=torch.bfloat16, requires_grad=True)
-
-    def measure(fn, repeats=20):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
-
     with torch.no_grad():
-        forward = measure(lambda: mixer(x))
-    backward = measure(lambda: mixer(x)[0].sum().backward())
+        forward = median_ms(lambda: mixer(x), warmup=3, repeats=20)
+    backward = median_ms(lambda: mixer(x)[0].sum().backward(), warmup=3, repeats=20)
     return {"tokens": length, "forward_ms": forward, "forward_backward_ms": backward}
 
 

@@ -9,6 +9,7 @@ import json
 import platform
 import re
 import shlex
+import statistics
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -114,6 +115,21 @@ def pyplot():
         print("matplotlib is not installed: no plot (rerun with --plot-only JSON where it is)", flush=True)
         return None
     return plt
+
+
+def median_ms(fn, warmup: int = 10, repeats: int = 100) -> float:
+    """The median of `repeats` CUDA-event timings of `fn()` in milliseconds, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def is_oom(error: BaseException) -> bool:

@@ -21,7 +21,6 @@ import argparse
 import importlib.util
 import logging
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from hybridize.mixers.ops.gated_delta_rule import gated_delta_rule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import default_output, report_header, write_report  # noqa: E402
+from common import default_output, median_ms, report_header, write_report  # noqa: E402
 
 HEADS, HEAD_DIM = 16, 128
 BACKENDS = {"fla_default": "0", "flash_qla": "1"}  # FLA_FLASH_QLA for each
@@ -93,20 +92,6 @@ def time_backend(tensors: dict, grad_out: torch.Tensor, args) -> tuple[dict, dic
         "train_ms": train_ms,
         "train_tokens_per_s": length / train_ms * 1e3,
     }
-
-
-def median_ms(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def relative_rms(value: torch.Tensor, reference: torch.Tensor) -> float:

@@ -55,7 +55,7 @@ from hybridize.presets import (
 from hybridize.testing import held_states
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, pyplot, run_benchmark  # noqa: E402
+from common import free, is_oom, profile_steps, pyplot, run_benchmark  # noqa: E402
 
 VARIANTS = ("hybrid", "stock")
 TARGET_FPS = 60.0
@@ -193,6 +193,17 @@ def stream(args, session: StreamingSession, device: torch.device, frames: int, s
         "latency_ms": latency,
         "peak_gib": peaks,
         "reserved_gib": reserved,
+    }
+
+
+def profile_frames(args, session: StreamingSession, device: torch.device) -> dict:
+    """`--profile` more frames profiled whole, then their vision encoding alone (`common.profile_steps`: kernels
+    per frame and their milliseconds by kind): what a frame costs in the ViT and what in the prefill."""
+    pool = frame_pool(args.frame_size, device)
+    added = iter(range(len(pool) * args.profile))
+    return {
+        "frame": profile_steps(lambda: session.add_frame(pool[next(added) % POOL]), args.profile),
+        "vision": profile_steps(lambda: session.encoder(pool[0]), args.profile),
     }
 
 
@@ -341,6 +352,8 @@ def run_variant(args, report: dict, variant: str, device: torch.device, dtype: t
     frames = args.frames if hybrid else min(args.frames, args.stock_frames)
     print(f"streaming {frames} frames into the {variant} model ...", flush=True)
     result = stream(args, session, device, frames, args.hybrid_seconds if hybrid else args.stock_seconds)
+    if args.profile and result["stopped_by"] != "out of memory":
+        result["profile"] = profile_frames(args, session, device)
     if hybrid:
         result["ask"] = time_ask(args, session, device)
     result["weight_tflop_per_frame"] = weight_flops_per_frame(model, session) / 1e12
@@ -382,6 +395,14 @@ def markdown_variant(variant: str, result: dict) -> str:
         else ""
     )
     lines += ["", f"{result['weight_tflop_per_frame']:.3f} TFLOP of weight matmuls per frame{floor}"]
+    if "profile" in result:
+        lines.append("")
+        for part, profile in result["profile"].items():
+            kinds = ", ".join(f"{kind} {ms:.2f}" for kind, ms in profile["kernel_ms_by_kind"].items())
+            lines.append(
+                f"profile, {part} (per frame): {profile['kernels_per_step']:.0f} kernels, "
+                f"{profile['kernel_ms_per_step']:.2f} ms ({kinds or 'no device kernels'})"
+            )
     if "ask" in result:
         ask = result["ask"]
         lines += [
@@ -486,6 +507,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="frames streamed and checked against one forward over them first (default: 40 on 3b, past the "
         "window and the prefill graph's capture; 12 on tiny; 0 skips)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="after the stream, profile FRAMES more frames and their vision encoding alone (kernels by kind)",
     )
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument(

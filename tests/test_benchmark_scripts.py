@@ -112,11 +112,17 @@ def test_streaming_fps_streams_both_models(tmp_path, monkeypatch):
         "56",
         "--ask-tokens",
         "2",
+        "--profile",
+        "2",
     ]
     benchmark_script("streaming_fps", monkeypatch).main([*argv, "--out", str(out)])
     report = json.loads(out.read_text())
     hybrid, stock = report["variants"]["hybrid"], report["variants"]["stock"]
     assert hybrid["frames"] == stock["frames"] == 14 and len(hybrid["latency_ms"]) == 14
+    # --profile 2: two more frames profiled whole and their vision encoding alone (CPU: operators, no kernels)
+    for part in ("frame", "vision"):
+        assert hybrid["profile"][part]["steps"] == 2 and hybrid["profile"][part]["top"][0]["self_ms"] > 0
+    assert "profile, vision (per frame): 0 kernels" in out.with_suffix(".md").read_text()
     assert hybrid["windows"][0]["frames"] == [10, 14] and hybrid["windows"][0]["fps"] > 0
     assert hybrid["ask"]["tokens"] == 2 and stock["tokens"] == hybrid["tokens"]
     assert stock["state_mib"] > hybrid["state_mib"]  # window 64: the hybrid already dropped keys

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hybridize.mixers.base import INIT_POLICIES, AttentionSpec, MixerConfig, TokenMixer
-from hybridize.mixers.modules import GatedRMSNorm, ShortConvolution
+from hybridize.mixers.modules import GatedRMSNorm, ShortConvolution, convolve_qkv
 from hybridize.mixers.ops.backends import check_backend
 from hybridize.mixers.ops.gated_delta_rule import gated_delta_rule
 from hybridize.mixers.registry import register_mixer
@@ -178,10 +178,7 @@ class GatedDeltaNetMixer(TokenMixer):
         )
 
         q, k, v, a, b, gate = self.project_inputs(hidden_states)
-        keep = slot is not None
-        q, conv_q = self.q_conv1d(q, states.get("conv_q"), cu_seqlens, output_state=keep)
-        k, conv_k = self.k_conv1d(k, states.get("conv_k"), cu_seqlens, output_state=keep)
-        v, conv_v = self.v_conv1d(v, states.get("conv_v"), cu_seqlens, output_state=keep)
+        q, k, v, conv_states = convolve_qkv(self, q, k, v, states, cu_seqlens, keep=slot is not None)
         # (B, T, H*D) -> (B, T, H, D)
         q = q.view(batch, length, self.num_heads, self.head_k_dim)
         k = k.view(batch, length, self.num_heads, self.head_k_dim)
@@ -203,7 +200,7 @@ class GatedDeltaNetMixer(TokenMixer):
             cu_seqlens=cu_seqlens,
         )
         if slot is not None:
-            slot.store(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v, recurrent=recurrent)
+            slot.store(**conv_states, recurrent=recurrent)
             slot.advance(length)
 
         gate = gate.view(batch, length, self.num_heads, self.head_v_dim)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hybridize.mixers.base import INIT_POLICIES, AttentionSpec, MixerConfig, TokenMixer
-from hybridize.mixers.modules import GatedRMSNorm, ShortConvolution
+from hybridize.mixers.modules import GatedRMSNorm, ShortConvolution, convolve_qkv
 from hybridize.mixers.ops.backends import check_backend
 from hybridize.mixers.ops.dtypes import compute_dtype
 from hybridize.mixers.ops.gla import gla
@@ -164,11 +164,9 @@ class GLAMixer(TokenMixer):
         )
 
         q, k, v, gate = self.project_inputs(hidden_states)
+        conv_states = {}
         if self.config.use_short_conv:
-            keep = slot is not None
-            q, conv_q = self.q_conv1d(q, states.get("conv_q"), cu_seqlens, output_state=keep)
-            k, conv_k = self.k_conv1d(k, states.get("conv_k"), cu_seqlens, output_state=keep)
-            v, conv_v = self.v_conv1d(v, states.get("conv_v"), cu_seqlens, output_state=keep)
+            q, k, v, conv_states = convolve_qkv(self, q, k, v, states, cu_seqlens, keep=slot is not None)
         # (B, T, H*D) -> (B, T, H, D)
         q = q.view(batch, length, self.num_heads, self.head_k_dim)
         k = k.view(batch, length, self.num_heads, self.head_k_dim)
@@ -189,9 +187,7 @@ class GLAMixer(TokenMixer):
             cu_seqlens=cu_seqlens,
         )
         if slot is not None:
-            slot.store(recurrent=recurrent)  # (B, H, K, V) fp32
-            if self.config.use_short_conv:
-                slot.store(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v)
+            slot.store(recurrent=recurrent, **conv_states)  # recurrent (B, H, K, V) fp32
             slot.advance(length)
 
         gate = gate.view(batch, length, self.num_heads, self.head_v_dim)

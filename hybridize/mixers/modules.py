@@ -113,6 +113,20 @@ class ShortConvolution(nn.Conv1d):
             self.bias.zero_()
 
 
+def convolve_qkv(mixer: nn.Module, q, k, v, states: dict, cu_seqlens, keep: bool) -> tuple:
+    """q, k, v (B, T, D) through `mixer`'s q_conv1d, k_conv1d and v_conv1d (fla's layer names) from the conv
+    states of its cache slot ("conv_q", "conv_k", "conv_v"); returns them and, when `keep`, the new states by
+    the same names for `slot.store` (else {})."""
+    mixed, new_states = [], {}
+    for name, x in zip("qkv", (q, k, v), strict=True):
+        conv = getattr(mixer, f"{name}_conv1d")
+        x, state = conv(x, states.get(f"conv_{name}"), cu_seqlens, output_state=keep)
+        mixed.append(x)
+        if keep:
+            new_states[f"conv_{name}"] = state
+    return (*mixed, new_states)
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm combined with a silu(gate), one weight per channel.
 

@@ -224,36 +224,25 @@ def gated_delta_rule(
     needs_grad = torch.is_grad_enabled() and any(
         x.requires_grad for x in (*tensors, initial_state) if x is not None
     )
-    if gate_params is not None and backend == "fla" and mode == "recurrent" and not needs_grad:
-        out, state = fla_gated_delta_rule(
-            q,
-            k,
-            v,
-            g.contiguous(),  # fla would copy views anyway; here torch.compile can fuse the copies
-            beta.contiguous(),
-            k.shape[-1] ** -0.5 if scale is None else scale,
-            None if initial_state is None else initial_state.float(),
-            use_qk_l2norm,
-            chunked=False,
-            cu_seqlens=cu_seqlens,
-            A_log=gate_params[0],
-            dt_bias=gate_params[1],
-        )
-        return out.to(v.dtype), (state if output_final_state else None)
-    if gate_params is not None:
+    # fla's fused recurrent kernel computes the gates itself (a decode step without gradients); else they come first
+    in_kernel = gate_params is not None and backend == "fla" and mode == "recurrent" and not needs_grad
+    if gate_params is not None and not in_kernel:
         g, beta = gated_delta_rule_gates(g, beta, *gate_params)
     if backend == "fla" and (mode == "recurrent" or not needs_grad):
         out, state = fla_gated_delta_rule(
             q,
             k,
             v,
-            g.float(),
-            beta.to(q.dtype),
+            # raw a, b: fla would copy views anyway; here torch.compile can fuse the copies
+            g.contiguous() if in_kernel else g.float(),
+            beta.contiguous() if in_kernel else beta.to(q.dtype),
             k.shape[-1] ** -0.5 if scale is None else scale,
             None if initial_state is None else initial_state.float(),
             use_qk_l2norm,
             chunked=mode == "chunk",
             cu_seqlens=cu_seqlens,
+            A_log=gate_params[0] if in_kernel else None,
+            dt_bias=gate_params[1] if in_kernel else None,
         )
         return out.to(v.dtype), (state if output_final_state else None)
     if backend == "fla":

@@ -33,6 +33,7 @@ question (`--ask-tokens` greedy tokens on a branch of the state), timed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -200,9 +201,9 @@ def profile_frames(args, session: StreamingSession, device: torch.device) -> dic
     """`--profile` more frames profiled whole, then their vision encoding alone (`common.profile_steps`: kernels
     per frame and their milliseconds by kind): what a frame costs in the ViT and what in the prefill."""
     pool = frame_pool(args.frame_size, device)
-    added = iter(range(len(pool) * args.profile))
+    frames = itertools.cycle(pool)
     return {
-        "frame": profile_steps(lambda: session.add_frame(pool[next(added) % POOL]), args.profile),
+        "frame": profile_steps(lambda: session.add_frame(next(frames)), args.profile),
         "vision": profile_steps(lambda: session.encoder(pool[0]), args.profile),
     }
 

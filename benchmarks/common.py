@@ -163,7 +163,7 @@ def top_operators(profiler, count: int = 25) -> list[dict]:
 KERNEL_KINDS = (
     ("linear_attention", r"delta_rule|gla_|chunk_|recurrent|ssd|mamba"),
     ("attention", r"flash|attn|attention|sdpa|softmax"),
-    ("matmul", r"gemm|gemv|cutlass|xmma|splitk|cublas"),
+    ("matmul", r"gemm|gemv|cutlass|xmma|splitk|cublas|nvjet"),  # nvjet: cuBLASLt's Hopper kernels
     ("fused_pointwise", r"^triton_"),
     ("eager_pointwise", r"at::native|elementwise|reduce_kernel"),
     ("copy", r"memcpy|memset"),

@@ -271,6 +271,8 @@ def test_decode_latency_benchmark_smoke(tmp_path, monkeypatch):
     kinds = {  # kernel names from H100 profiles of the decode step
         "void gemv2T_kernel_val<int, int, __nv_bfloat16, __nv_bfloat16, float, 128, 16, 4, 4>": "matmul",
         "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x64x64_warpgroupsize1x1x1": "matmul",
+        "nvjet_sm90_tst_256x8_64x6_4x1_v_bz_TNT": "matmul",  # cuBLASLt on Hopper (2026-12-07)
+        "void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16, float, __nv_bfloat16>": "matmul",
         "fused_recurrent_gated_delta_rule_fwd_kernel": "linear_attention",
         "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0": "fused_pointwise",
         "void at::native::elementwise_kernel<128, 2, ...>": "eager_pointwise",

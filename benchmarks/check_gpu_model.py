@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -25,9 +26,11 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 import hybridize
 from hybridize.converters import convert, plan_layers
 from hybridize.inference.chat import chat_inputs
-from hybridize.mixers.ops.backends import fla_available
 from hybridize.presets import qwen2_5_vl_3b_config, tiny_qwen2_5_vl
 from hybridize.testing import greedy_decode_without_cache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+from common import require_fla  # noqa: E402
 
 try:
     from transformers.initialization import no_init_weights
@@ -115,11 +118,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    if not fla_available():
-        raise SystemExit(
-            "fla kernels are not available here: run on a CUDA machine with `pip install 'hybridize[cuda]'`."
-        )
     device = torch.device("cuda")
+    require_fla(device, cpu_hint=False)
     report = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(),

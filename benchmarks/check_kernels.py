@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 import hybridize  # noqa: F401  (registers every mixer)
-from hybridize.mixers.ops.backends import fla_available
 from hybridize.mixers.ops.gated_delta_rule import gated_delta_rule
 from hybridize.mixers.ops.gla import gla
 from hybridize.mixers.ops.ssd import ssd
@@ -34,7 +33,7 @@ from hybridize.mixers.registry import build_mixer
 from hybridize.presets import QWEN2_5_VL_3B_ATTENTION
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import median_ms  # noqa: E402
+from common import median_ms, require_fla  # noqa: E402
 
 # fla's tolerances (RMS(ref - x) / RMS(ref)) by quantity: forward, final state, and gradients of the
 # projected inputs (q, k, v, x, B, C) and of the gates (g, beta, gk, dt, A).
@@ -220,11 +219,8 @@ def main() -> None:
     parser.add_argument("--ops", nargs="*", default=list(OPS), choices=list(OPS))
     parser.add_argument("--mixers", nargs="*", default=list(MIXERS), choices=list(MIXERS))
     args = parser.parse_args()
-    if not fla_available():
-        raise SystemExit(
-            "fla kernels are not available here: run on a CUDA machine with `pip install 'hybridize[cuda]'`."
-        )
     device = torch.device("cuda")
+    require_fla(device, cpu_hint=False)
     section_seconds, ops, mixers, timing = {}, {}, {}, {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import hybridize
+from hybridize.mixers.ops.backends import fla_available
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PACKAGES = ("torch", "transformers", "flash-linear-attention", "fla-core", "triton")
@@ -43,10 +44,21 @@ def default_output(script: str, device: torch.device, quick: bool) -> Path:
     return RESULTS / f"{script}_{tag}{'_quick' if quick else ''}.json"
 
 
+def require_fla(device: torch.device, cpu_hint: bool = True) -> None:
+    """Stop a CUDA run without fla's kernels: its hybrid would run the PyTorch references, not what a user of
+    `hybridize[cuda]` runs, and its numbers would be labelled as the kernels'."""
+    if device.type == "cuda" and not fla_available():
+        raise SystemExit(
+            "fla kernels are not available here: run on a CUDA machine with `pip install 'hybridize[cuda]'`"
+            + (", or pass --device cpu." if cpu_hint else ".")
+        )
+
+
 def run_setup(args, script: str, quick: bool = False) -> tuple[torch.device, torch.dtype, Path]:
-    """The device `args.device` names, the dtype the models run in there (bf16 on CUDA, fp32 elsewhere), and the
-    report's path (`args.out`, else the default for the script and card)."""
+    """The device `args.device` names (CUDA only with fla's kernels), the dtype the models run in there (bf16 on
+    CUDA, fp32 elsewhere), and the report's path (`args.out`, else the default for the script and card)."""
     device = torch.device(args.device)
+    require_fla(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return device, dtype, Path(args.out) if args.out else default_output(script, device, quick)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_output, report_header  # noqa: E402
+from common import default_output, report_header, require_fla  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_WORDS = ("cuda", "graph", "flash", "fla", "bf16", "kernel", "compile")  # in the names of the CUDA tests
@@ -69,6 +69,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_suite.py runs the CUDA tests: it needs a CUDA device.")
     device = torch.device("cuda")
+    require_fla(device, cpu_hint=False)  # without fla its tests would skip and the report read as passed
     out = args.out or default_output("gpu_suite", device, quick=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = report_header("gpu_suite", None, device)

@@ -80,11 +80,10 @@ from hybridize.lightning_modules import (
 from hybridize.lightning_modules.data.collation import collate
 from hybridize.lightning_modules.sft import adapters_follow_autocast, lora_target_modules
 from hybridize.lightning_modules.stage import next_token_loss
-from hybridize.mixers.ops.backends import fla_available
 from hybridize.presets import qwen2_5_vl_3b_config, tiny_qwen2_5_vl_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, pyplot, top_operators  # noqa: E402
+from common import free, is_oom, pyplot, require_fla, top_operators  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "infinitevl"
@@ -773,11 +772,7 @@ def main() -> None:
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit(f"Need --warmup >= 1 and --steps >= 1, got {args.warmup} and {args.steps}.")
     device = torch.device(args.device)
-    if device.type == "cuda" and not fla_available():
-        raise SystemExit(
-            "fla kernels are not available here: run on a CUDA machine with `pip install 'hybridize[cuda]'`, "
-            "or pass --device cpu."
-        )
+    require_fla(device)
     args.precision = args.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
     dtype = frozen_dtype(args.precision)
     shape = SHAPES[args.config]

@@ -143,6 +143,23 @@ def test_kernel_timings_refuse_to_run_without_cuda(script, tmp_path, monkeypatch
     assert not out.exists()
 
 
+@pytest.mark.parametrize("script", ["decode_latency", "streaming_fps", "prefill_throughput", "train_stages"])
+def test_cuda_runs_refuse_to_measure_without_fla(script, tmp_path, monkeypatch):
+    """Without fla's kernels a CUDA run would time the hybrid's PyTorch references under the kernels' name: it
+    stops with the install hint before it builds a model or writes a report."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    module = benchmark_script(script, monkeypatch)
+    monkeypatch.setattr(sys.modules["common"], "fla_available", lambda: False)
+    out = tmp_path / "report.json"
+    argv = ["--device", "cuda", "--out", str(out)]
+    if script == "train_stages":  # its main() reads sys.argv
+        monkeypatch.setattr(sys, "argv", ["train_stages.py", *argv])
+        argv = None
+    with pytest.raises(SystemExit, match="hybridize\\[cuda\\]"):
+        module.main() if argv is None else module.main(argv)
+    assert not out.exists()
+
+
 def test_decode_throughput_measures_both_models_and_stops_at_out_of_memory(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     script = benchmark_script("decode_throughput", monkeypatch)

@@ -24,6 +24,8 @@ def needs_cuda(reason: str = "needs a CUDA device", *, fla: bool = False):
     """Mark a test (function or class) that runs only on a CUDA device, with fla's kernels if `fla`: skipped
     elsewhere, and selected by `python -m pytest -m cuda` (what `benchmarks/gpu_suite.py --cuda-only` runs)."""
     available = fla_available() if fla else torch.cuda.is_available()
+    if fla and torch.cuda.is_available() and not available:  # the skip says what a GPU run lacks
+        reason = f"{reason}: this CUDA machine lacks fla (pip install 'hybridize[cuda]')"
 
     def mark(test):
         return pytest.mark.cuda(pytest.mark.skipif(not available, reason=reason)(test))

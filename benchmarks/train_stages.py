@@ -42,6 +42,8 @@ Checkpointing's recomputation is not counted, nor the linear mixers' state arith
     python benchmarks/train_stages.py --lengths 8192    # H100: 194 s for every variant (after fla's autotune)
     python benchmarks/train_stages.py                   # every length: longer than one 10-minute device call,
     python benchmarks/train_stages.py --resume          # so run it again with --resume until nothing is skipped
+    python benchmarks/train_stages.py --resume --variants stage3_lora --lengths 32768 --remeasure stage3_lora@32768
+                                                        # one run again (after a change to its code), the rest kept
     python benchmarks/train_stages.py --config tiny --device cpu --steps 1 --warmup 1   # CPU smoke run
 """
 
@@ -588,6 +590,21 @@ def resumed_runs(report: dict, out: Path) -> dict:
     }
 
 
+def remeasured_runs(items: list[str], variants: list[str], lengths: list[int]) -> list[tuple[str, int]]:
+    """VARIANT@LENGTH items -> (variant, length), each a run this call makes (a variant it names, a length it
+    runs); anything else is refused before a model is built."""
+    runs = []
+    for item in items:
+        name, _, length = item.partition("@")
+        if name not in variants or not length.isdigit() or int(length) not in lengths:
+            raise SystemExit(
+                f"--remeasure {item}: give VARIANT@LENGTH with a variant of --variants ({', '.join(variants)}) "
+                f"and a length of --lengths ({', '.join(map(str, lengths))})."
+            )
+        runs.append((name, int(length)))
+    return runs
+
+
 def run_order(names: list[str], lengths: list[int], packed_length: int) -> list[tuple[str, int]]:
     """(variant, length) pairs, most important first: stages 2 and 3 and their baselines at the packed length,
     then every variant at the shortest length, then the rest by length. Packed rows run at the packed length."""
@@ -768,7 +785,17 @@ def main() -> None:
         help="keep the runs an earlier call wrote to --out (same config, steps and precision) and measure the "
         "rest: a whole sweep over several device calls",
     )
+    parser.add_argument(
+        "--remeasure",
+        nargs="+",
+        default=[],
+        metavar="VARIANT@LENGTH",
+        help="with --resume: measure these runs again (a variant this call names, at one of its lengths), "
+        "e.g. after a change to the code they run",
+    )
     args = parser.parse_args()
+    if args.remeasure and not args.resume:
+        raise SystemExit("--remeasure replaces runs of an earlier call: it needs --resume.")
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit(f"Need --warmup >= 1 and --steps >= 1, got {args.warmup} and {args.steps}.")
     device = torch.device(args.device)
@@ -797,7 +824,10 @@ def main() -> None:
     }
     tag = report["device_tag"] if args.config == "3b" else f"{args.config}_{report['device_tag']}"
     out = args.out or RESULTS / f"train_stages_{tag}.json"
+    remeasure = remeasured_runs(args.remeasure, args.variants, lengths)
     done = resumed_runs(report, out) if args.resume else {}
+    for name, length in remeasure:
+        done.get(name, {}).pop(str(length), None)
     # an earlier call's runs of variants this call does not name stay in the report
     report["runs"] = {name: dict(by_length) for name, by_length in done.items() if name not in args.variants}
     start = time.perf_counter()

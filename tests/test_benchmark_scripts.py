@@ -245,5 +245,13 @@ def test_train_stages_resumes_a_sweep_over_several_calls(tmp_path, monkeypatch):
     assert {name: fourth["runs"][name] for name in second["runs"]} == second["runs"]
     added = fourth["runs"]["stage1b_end_to_end_no_ckpt"]["32"]
     assert added["tokens_per_s"] > 0 and added["gradient_checkpointing"] is False
+    # --remeasure measures a finished run again and keeps the others
+    fifth = call("--steps", "1", "--resume", "--remeasure", "stock_lora@32")
+    assert fifth["runs"]["stage3_lora"] == second["runs"]["stage3_lora"]
+    assert fifth["runs"]["stock_lora"]["32"]["tokens_per_s"] > 0
+    assert fifth["runs"]["stock_lora"]["32"] != second["runs"]["stock_lora"]["32"]  # its own timings
+    for bad in (["--remeasure", "stock_lora@32"], ["--resume", "--remeasure", "stage2_sft@32"]):
+        with pytest.raises(SystemExit, match="remeasure"):
+            call("--steps", "1", *bad)
     with pytest.raises(SystemExit, match="other settings.*timed_steps"):
         call("--steps", "2", "--resume")

@@ -187,6 +187,11 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, lowered)), "other")
 
 
+def kernel_ms_by_kind_text(profile: dict) -> str:
+    """A `profile_steps` result's milliseconds by kind as "kind ms, ..." (empty where no kernel ran)."""
+    return ", ".join(f"{kind} {ms:.2f}" for kind, ms in profile["kernel_ms_by_kind"].items())
+
+
 def profile_steps(step, steps: int = 8, count: int = 15) -> dict:
     """`steps` runs of `step` under torch.profiler: device kernels per step (every launch, CUDA-graph replays
     included), their milliseconds per step in total and by `kernel_kind`, and the `count` costliest kernels."""

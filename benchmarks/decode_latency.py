@@ -54,7 +54,7 @@ from hybridize.mixers.cache import MixerCacheLayer
 from hybridize.presets import qwen2_5_vl_3b_config, tiny_qwen2_5_vl_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, profile_steps, pyplot, run_benchmark  # noqa: E402
+from common import free, is_oom, kernel_ms_by_kind_text, profile_steps, pyplot, run_benchmark  # noqa: E402
 
 VARIANTS = (
     "stock_eager",
@@ -510,7 +510,7 @@ def markdown(report: dict) -> str:
     if profiles:
         lines += ["", "| profile (per step) | kernels | kernel ms | by kind (ms) |", "|---|---|---|---|"]
         for variant, context, profile in profiles:
-            kinds = ", ".join(f"{kind} {ms:.2f}" for kind, ms in profile["kernel_ms_by_kind"].items())
+            kinds = kernel_ms_by_kind_text(profile)
             lines.append(
                 f"| {variant} {context} | {profile['kernels_per_step']:.0f} | "
                 f"{profile['kernel_ms_per_step']:.2f} | {kinds} |"

@@ -56,7 +56,7 @@ from hybridize.presets import (
 from hybridize.testing import held_states
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, profile_steps, pyplot, run_benchmark  # noqa: E402
+from common import free, is_oom, kernel_ms_by_kind_text, profile_steps, pyplot, run_benchmark  # noqa: E402
 
 VARIANTS = ("hybrid", "stock")
 TARGET_FPS = 60.0
@@ -399,7 +399,7 @@ def markdown_variant(variant: str, result: dict) -> str:
     if "profile" in result:
         lines.append("")
         for part, profile in result["profile"].items():
-            kinds = ", ".join(f"{kind} {ms:.2f}" for kind, ms in profile["kernel_ms_by_kind"].items())
+            kinds = kernel_ms_by_kind_text(profile)
             lines.append(
                 f"profile, {part} (per frame): {profile['kernels_per_step']:.0f} kernels, "
                 f"{profile['kernel_ms_per_step']:.2f} ms ({kinds or 'no device kernels'})"

@@ -828,12 +828,13 @@ def main() -> None:
     done = resumed_runs(report, out) if args.resume else {}
     for name, length in remeasure:
         done.get(name, {}).pop(str(length), None)
-    # an earlier call's runs of variants this call does not name stay in the report
-    report["runs"] = {name: dict(by_length) for name, by_length in done.items() if name not in args.variants}
+    # every finished run of the earlier calls stays in the report from its first write on, so a call stopped
+    # half-way (a time limit, a lost machine) loses none of them
+    report["runs"] = {name: dict(by_length) for name, by_length in done.items()}
+    report["lengths"] = sorted({*lengths, *(int(length) for by_length in done.values() for length in by_length)})
     start = time.perf_counter()
     for name, length in run_order(args.variants, lengths, shape.packed_length):
         if str(length) in done.get(name, {}):
-            report["runs"].setdefault(name, {})[str(length)] = done[name][str(length)]
             continue
         if time.perf_counter() - start > args.time_budget_s:
             result = {"error": "skipped (time budget)"}

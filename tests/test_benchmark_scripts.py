@@ -250,6 +250,27 @@ def test_train_stages_resumes_a_sweep_over_several_calls(tmp_path, monkeypatch):
     assert fifth["runs"]["stage3_lora"] == second["runs"]["stage3_lora"]
     assert fifth["runs"]["stock_lora"]["32"]["tokens_per_s"] > 0
     assert fifth["runs"]["stock_lora"]["32"] != second["runs"]["stock_lora"]["32"]  # its own timings
+    # a call stopped after its first run (a time limit, a lost machine) has kept every earlier run
+    script = benchmark_script("train_stages", monkeypatch)
+    measure = script.measure
+    calls = []
+
+    def measure_once(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(args[:2])
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(script, "measure", measure_once)
+    monkeypatch.setattr(sys, "argv", ["train_stages.py", *common, "--steps", "1", "--resume", "--lengths", "16"])
+    with pytest.raises(KeyboardInterrupt):
+        script.main()
+    stopped = json.loads(out.read_text())
+    assert calls == [("stage3_lora", 16)] and stopped["lengths"] == [16, 32]
+    assert {name: stopped["runs"][name]["32"] for name in fifth["runs"]} == {
+        name: run["32"] for name, run in fifth["runs"].items()
+    }
+    assert stopped["runs"]["stage3_lora"]["16"]["tokens_per_s"] > 0 and "16" not in stopped["runs"]["stock_lora"]
     for bad in (["--remeasure", "stock_lora@32"], ["--resume", "--remeasure", "stage2_sft@32"]):
         with pytest.raises(SystemExit, match="remeasure"):
             call("--steps", "1", *bad)

@@ -682,6 +682,7 @@ def plot(report: dict, path: Path) -> bool:
         return False
     figure, axes = plt.subplots(1, len(STAGE_TITLES), figsize=(4.2 * len(STAGE_TITLES), 4), sharey=True)
     for axis, (stage, title) in zip(axes, STAGE_TITLES.items(), strict=True):
+        drawn = set()  # a baseline shared by two variants of the stage is drawn once
         for name, variant in VARIANTS.items():
             if variant.stage != stage or variant.model != "hybrid":
                 continue
@@ -695,6 +696,9 @@ def plot(report: dict, path: Path) -> bool:
             if variant.packed_samples == 1 and variant.baseline:
                 lines.append((variant.baseline, "--", "s"))
             for line_name, style, marker in lines:
+                if line_name in drawn:
+                    continue
+                drawn.add(line_name)
                 points = sorted(
                     (int(length), result["tokens_per_s"])
                     for length, result in report["runs"].get(line_name, {}).items()

@@ -33,6 +33,7 @@ question (`--ask-tokens` greedy tokens on a branch of the state), timed.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import statistics
@@ -299,8 +300,10 @@ ONE_SHOT_TOLERANCE = 0.2
 def check_one_shot(args, model, device: torch.device) -> dict:
     """The stream's state after `--check-frames` frames (fed one at a time, CUDA graphs and all) against the
     model's own forward over the same tokens in one pass (its own ViT, get_rope_index positions and cache):
-    relative RMS error of the next-token logits and of each kind of cache tensor (worst layer). Without
-    torch.compile: compiled vision blocks would also run (and recompile for) the one-shot forward."""
+    relative RMS error of the next-token logits and of each kind of cache tensor (worst layer). Beside it, the
+    precision's own scale: that forward against the same in a wider dtype (float32 for a bf16 model, float64 for
+    float32). Without torch.compile: compiled vision blocks would also run (and recompile for) the one-shot
+    forward."""
     session = new_session(args, model, device, hybrid=True, compile=False)
     frames = [frame_pool(args.frame_size, device)[i % POOL] for i in range(args.check_frames)]
     for frame in frames:
@@ -308,18 +311,15 @@ def check_one_shot(args, model, device: torch.device) -> dict:
     prompt, encoder = session.prompt, session.encoder
     ids = torch.tensor(prompt.prefix_ids + prompt.frame_ids.tolist() * len(frames), device=device)[None]
     pixel_values = torch.cat([encoder.patches(encoder.prepare(frame)) for frame in frames])
-    out = model(
-        input_ids=ids,
-        pixel_values=pixel_values,
-        image_grid_thw=encoder.grid_thw.repeat(len(frames), 1),
-        mm_token_type_ids=(ids == model.config.image_token_id).long(),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    errors: dict[str, float] = {}
-    streamed, one_shot = held_states(session.state.cache), held_states(output_cache(out))
-    for (key, mine), (_, reference) in zip(streamed, one_shot, strict=True):
-        errors[key] = max(errors.get(key, 0.0), relative_rms(reference, mine))
+    inputs = {
+        "input_ids": ids,
+        "pixel_values": pixel_values,
+        "image_grid_thw": encoder.grid_thw.repeat(len(frames), 1),
+        "mm_token_type_ids": (ids == model.config.image_token_id).long(),
+        "use_cache": True,
+        "logits_to_keep": 1,
+    }
+    out = model(**inputs)
     logits = out.logits[:, -1].float()
     result = {
         "frames": len(frames),
@@ -327,11 +327,31 @@ def check_one_shot(args, model, device: torch.device) -> dict:
         "prefill_graph": session.prefill_graph is not None,
         "logits_rel_rms": relative_rms(logits, session.next_token_logits()),
         "same_argmax": bool(logits.argmax() == session.next_token_logits().argmax()),
-        "state_rel_rms": errors,
+        "state_rel_rms": worst_state_errors(session.state.cache, output_cache(out)),
     }
-    del session, out
+    del session
+    free()
+    # The scale of the model's own rounding: the same one-pass forward in a wider dtype (a copy of the weights,
+    # cast up exactly), against the one above. Streamed errors near these are the precision's, not the stream's.
+    wider = torch.float64 if model.dtype == torch.float32 else torch.float32
+    precise_model = copy.deepcopy(model).to(wider)
+    precise = precise_model(**inputs)
+    result["precision_scale"] = {
+        "dtype": str(wider).removeprefix("torch."),
+        "logits_rel_rms": relative_rms(precise.logits[:, -1], logits),
+        "state_rel_rms": worst_state_errors(output_cache(out), output_cache(precise)),
+    }
+    del out, precise, precise_model
     free()
     return result
+
+
+def worst_state_errors(cache, reference_cache) -> dict[str, float]:
+    """Relative RMS error of each kind of cache tensor against the reference cache's, worst layer."""
+    errors: dict[str, float] = {}
+    for (key, mine), (_, reference) in zip(held_states(cache), held_states(reference_cache), strict=True):
+        errors[key] = max(errors.get(key, 0.0), relative_rms(reference, mine))
+    return errors
 
 
 def run_variant(args, report: dict, variant: str, device: torch.device, dtype: torch.dtype, save) -> None:
@@ -423,6 +443,17 @@ def markdown_variant(variant: str, result: dict) -> str:
     return "\n".join(lines)
 
 
+def precision_text(scale: dict | None) -> str:
+    """The one-shot check's precision scale in words (reports from before it have none)."""
+    if not scale:
+        return ""
+    states = ", ".join(f"{key} {error:.2e}" for key, error in scale["state_rel_rms"].items())
+    return (
+        f" The one forward itself against the same in {scale['dtype']} (the scale of the model's own rounding): "
+        f"logits {scale['logits_rel_rms']:.2e}; {states}."
+    )
+
+
 def markdown(report: dict) -> str:
     head = f"{report['command']}\n\n{report['device']}, {report['date']}, " + ", ".join(
         f"{name} {version}" for name, version in report["versions"].items() if version
@@ -438,7 +469,7 @@ def markdown(report: dict) -> str:
             f"One-shot check: {check['frames']} frames streamed one at a time (prefill graph used: "
             f"{check['prefill_graph']}) against one forward over the same {check['tokens']} tokens, relative "
             f"RMS error: logits {check['logits_rel_rms']:.2e} (same argmax: {check['same_argmax']}); worst layer "
-            f"per state: {states}.",
+            f"per state: {states}." + precision_text(check.get("precision_scale")),
         )
     return "\n\n".join([head, *sections]) + "\n"
 

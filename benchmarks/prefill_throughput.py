@@ -3,7 +3,8 @@ hybrid's chunk size.
 
 Both models are built as in `decode_latency.py` (random bf16 weights, SDPA). For every context (`--contexts`),
 one prompt of random text tokens is prefilled (`decode_latency.time_prefill`: one untimed run, then the median of
-`--repeats`):
+`--repeats`; with `--warmup first` only each model's first run is preceded by an untimed one, since later contexts
+run the same kernels, which halves the cost of a stock run of minutes):
 
 - `stock`: one forward with transformers' DynamicCache (FlashAttention through SDPA), the head on the last token;
 - `hybrid`: `hybridize.inference.decode.StaticDecoder.prefill` into a static hybrid cache, `--chunk` tokens per
@@ -20,6 +21,8 @@ context and how flat the hybrid's rate is (slowest over fastest context).
     python benchmarks/prefill_throughput.py                  # H100: 16K .. 1M, chunk sweep at 64K (~8 minutes)
     python benchmarks/prefill_throughput.py --config tiny --device cpu --contexts 64 128 --chunk-sweep 16 32 \
         --chunk-sweep-context 64 --chunk 32            # CPU smoke run
+    python benchmarks/prefill_throughput.py --contexts 128K 512K --chunk-sweep --repeats 1 --warmup first \
+        --time-budget-s 300                            # stock at 512K (~100 s a run on an H100)
     python benchmarks/prefill_throughput.py --plot-only benchmarks/results/prefill_throughput_h100.json
 """
 
@@ -46,24 +49,27 @@ CONTEXTS = ("16K", "64K", "128K", "512K", "1M")
 CHUNK_SWEEP = (2048, 4096, 8192, 16384, 32768)
 
 
-def prefill(args, model, context: int, device: torch.device, chunk: int | None) -> dict:
-    """One context's prefill, stock (chunk None) or hybrid in chunks of `chunk` tokens."""
+def prefill(args, model, context: int, device: torch.device, chunk: int | None, warm: bool = False) -> dict:
+    """One context's prefill, stock (chunk None) or hybrid in chunks of `chunk` tokens; `warm`: the model has
+    run a prefill already, so under `--warmup first` no untimed run comes first."""
     decoder = None
     if chunk is not None:
         cache = StaticHybridCache.for_model(model, 1, max_length=1)
         decoder = StaticDecoder(model, cache, cuda_graph=False)
-    settings = argparse.Namespace(prefill_chunk=chunk, prefill_repeats=args.repeats)
+    warmup = not (warm and args.warmup == "first")
+    settings = argparse.Namespace(prefill_chunk=chunk, prefill_repeats=args.repeats, prefill_warmup=warmup)
     start = time.perf_counter()
     result = time_prefill(settings, model, context, device, decoder)
     result["wall_s"] = time.perf_counter() - start
+    result["untimed_first"] = warmup
     return result
 
 
-def attempt(args, model, context: int, device: torch.device, chunk: int | None) -> dict:
+def attempt(args, model, context: int, device: torch.device, chunk: int | None, warm: bool = False) -> dict:
     """`prefill`'s result, or {"oom": True} when it runs out of memory."""
     try:
         with torch.no_grad():
-            return prefill(args, model, context, device, chunk)
+            return prefill(args, model, context, device, chunk, warm)
     except Exception as error:  # noqa: BLE001 - out of memory is a result; anything else is not
         if not is_oom(error):
             raise
@@ -75,13 +81,16 @@ def attempt(args, model, context: int, device: torch.device, chunk: int | None) 
 def run(args, report: dict, device: torch.device, dtype: torch.dtype, save) -> None:
     deadline = time.perf_counter() + args.time_budget_s
     hybrid = build_model(args.config, True, args.window, device, dtype, args.seed)
+    warm = False  # whether the hybrid has prefilled in `--chunk` chunks already
     for chunk in args.chunk_sweep:
         result = attempt(args, hybrid, args.chunk_sweep_context, device, chunk)
+        warm = warm or (chunk == args.chunk and "tokens_per_s" in result)
         report["chunk_sweep"][str(chunk)] = result
         print(f"hybrid chunk {chunk} at {label(args.chunk_sweep_context)}: {result}", flush=True)
         save()
     for context in args.contexts:
-        result = attempt(args, hybrid, context, device, args.chunk)
+        result = attempt(args, hybrid, context, device, args.chunk, warm)
+        warm = warm or "tokens_per_s" in result
         report["runs"]["hybrid"][label(context)] = result
         print(f"hybrid {label(context)}: {result}", flush=True)
         save()
@@ -97,7 +106,7 @@ def run(args, report: dict, device: torch.device, dtype: torch.dtype, save) -> N
         if stopped is not None:
             result = {"skipped": stopped}
         else:
-            result = attempt(args, stock, context, device, None)
+            result = attempt(args, stock, context, device, None, warm=previous is not None)
             if result.get("oom"):
                 stopped = "skipped (out of memory at a shorter context)"
             else:
@@ -218,6 +227,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--window", type=int, default=None, help="the hybrid's window (default: the config's)"
     )
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per point (after one untimed)")
+    parser.add_argument(
+        "--warmup",
+        choices=("each", "first"),
+        default="each",
+        help="an untimed run before every point, or only before each model's first",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--time-budget-s", type=float, default=480.0, help="stock runs projected past it are skipped"
@@ -243,6 +258,7 @@ def main(argv=None) -> None:
         "chunk": args.chunk,
         "chunk_sweep_context": args.chunk_sweep_context,
         "repeats": args.repeats,
+        "warmup": args.warmup,
         "chunk_sweep": {},
         "runs": {name: {} for name in MODELS},
     }

@@ -835,7 +835,9 @@ def main() -> None:
     # every finished run of the earlier calls stays in the report from its first write on, so a call stopped
     # half-way (a time limit, a lost machine) loses none of them
     report["runs"] = {name: dict(by_length) for name, by_length in done.items()}
-    report["lengths"] = sorted({*lengths, *(int(length) for by_length in done.values() for length in by_length)})
+    report["lengths"] = sorted(
+        {*lengths, *(int(length) for by_length in done.values() for length in by_length)}
+    )
     start = time.perf_counter()
     for name, length in run_order(args.variants, lengths, shape.packed_length):
         if str(length) in done.get(name, {}):

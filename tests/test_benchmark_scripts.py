@@ -206,10 +206,10 @@ def test_prefill_throughput_tunes_the_chunk_and_stops_the_stock_model(tmp_path, 
     argv += ["--chunk-sweep", "16", "32", "--chunk-sweep-context", "64", "--repeats", "1", "--out", str(out)]
     real_prefill = script.prefill
 
-    def prefill(args, model, context, device, chunk):
+    def prefill(args, model, context, device, chunk, warm=False):
         if chunk is None and context == 128:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_prefill(args, model, context, device, chunk)
+        return real_prefill(args, model, context, device, chunk, warm)
 
     monkeypatch.setattr(script, "prefill", prefill)
     script.main(argv)
@@ -227,6 +227,22 @@ def test_prefill_throughput_tunes_the_chunk_and_stops_the_stock_model(tmp_path, 
     stock = json.loads(out.read_text())["runs"]["stock"]
     assert "tokens_per_s" in stock["32"] and stock["64"]["skipped"].startswith("skipped (projected")
     assert stock["128"] == stock["64"]
+    # --warmup first: an untimed run only before each model's first prefill
+    real_hybrid_prefill, hybrid_prefills = script.StaticDecoder.prefill, []
+
+    def counted(decoder, ids, **kwargs):
+        hybrid_prefills.append(ids.shape[1])
+        return real_hybrid_prefill(decoder, ids, **kwargs)
+
+    monkeypatch.setattr(script.StaticDecoder, "prefill", counted)
+    short = ["--contexts", "32", "64", "--chunk-sweep", "--warmup", "first"]  # later flags win
+    script.main([*argv, *short])
+    runs = json.loads(out.read_text())["runs"]
+    untimed = {
+        name: {context: result["untimed_first"] for context, result in runs[name].items()} for name in runs
+    }
+    assert untimed == {"hybrid": {"32": True, "64": False}, "stock": {"32": True, "64": False}}
+    assert hybrid_prefills == [32, 32, 64]  # 32 untimed and timed, 64 timed only
 
 
 def test_train_stages_resumes_a_sweep_over_several_calls(tmp_path, monkeypatch):
@@ -269,7 +285,9 @@ def test_train_stages_resumes_a_sweep_over_several_calls(tmp_path, monkeypatch):
         return measure(*args, **kwargs)
 
     monkeypatch.setattr(script, "measure", measure_once)
-    monkeypatch.setattr(sys, "argv", ["train_stages.py", *common, "--steps", "1", "--resume", "--lengths", "16"])
+    monkeypatch.setattr(
+        sys, "argv", ["train_stages.py", *common, "--steps", "1", "--resume", "--lengths", "16"]
+    )
     with pytest.raises(KeyboardInterrupt):
         script.main()
     stopped = json.loads(out.read_text())
@@ -277,7 +295,9 @@ def test_train_stages_resumes_a_sweep_over_several_calls(tmp_path, monkeypatch):
     assert {name: stopped["runs"][name]["32"] for name in fifth["runs"]} == {
         name: run["32"] for name, run in fifth["runs"].items()
     }
-    assert stopped["runs"]["stage3_lora"]["16"]["tokens_per_s"] > 0 and "16" not in stopped["runs"]["stock_lora"]
+    assert (
+        stopped["runs"]["stage3_lora"]["16"]["tokens_per_s"] > 0 and "16" not in stopped["runs"]["stock_lora"]
+    )
     for bad in (["--remeasure", "stock_lora@32"], ["--resume", "--remeasure", "stage2_sft@32"]):
         with pytest.raises(SystemExit, match="remeasure"):
             call("--steps", "1", *bad)

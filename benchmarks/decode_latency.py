@@ -12,7 +12,10 @@ depend on their values), SDPA attention; the hybrid is the ratio-1/4 plan (SWA w
 - `hybrid_static_graph`: the hybrid through `hybridize.inference.decode.StaticDecoder` (static hybrid cache,
   decode step captured once in a CUDA graph and replayed for every context);
 - `hybrid_static_graph_compiled`: the same with the step's forward compiled by torch.compile before the capture
-  (`StaticDecoder(compile=True)`; the compile time is in `warmup_s` of the first context).
+  (`StaticDecoder(compile=True)`; the compile time is in `warmup_s` of the first context);
+- `hybrid_static_graph_autotuned` (only when named in `--variants`): compiled in mode
+  "max-autotune-no-cudagraphs", which benchmarks Triton's matrix-product templates against cuBLAS for each of the
+  step's M=1 products (`StaticDecoder(compile="max-autotune-no-cudagraphs")`; minutes more compilation).
 
 Context is created cheaply: every cache is filled with random values and its position counters set to the
 context length (the step's cost depends on the context only through the buffer sizes and positions; for the
@@ -62,7 +65,11 @@ VARIANTS = (
     "hybrid_eager",
     "hybrid_static_graph",
     "hybrid_static_graph_compiled",
+    "hybrid_static_graph_autotuned",
 )
+OPT_IN = ("hybrid_static_graph_autotuned",)  # run only when named in --variants
+# torch.compile's mode per compiled variant
+COMPILED = {"hybrid_static_graph_compiled": True, "hybrid_static_graph_autotuned": "max-autotune-no-cudagraphs"}
 CONTEXTS = ("1K", "16K", "64K", "128K", "512K", "1M")
 CONFIGS = {"3b": dict(window=8192), "tiny": dict(window=16)}
 
@@ -426,10 +433,11 @@ def run_model(args, report: dict, hybrid: bool, device: torch.device, dtype: tor
         decoder.prefill(random_ids(model, 16, device))  # allocates the mixer states
         # one cache for both static variants: each decoder's graph is captured over its buffers
         decoders = {"hybrid_static_graph": decoder}
-        if "hybrid_static_graph_compiled" in args.variants:
-            decoders["hybrid_static_graph_compiled"] = StaticDecoder(
-                model, cache, cuda_graph=device.type == "cuda", compile=True, fuse=True
-            )
+        for variant, mode in COMPILED.items():
+            if variant in args.variants:
+                decoders[variant] = StaticDecoder(
+                    model, cache, cuda_graph=device.type == "cuda", compile=mode, fuse=True
+                )
 
     for context in args.prefill_contexts:
         key = f"{name}/{label(context)}"
@@ -561,7 +569,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="3b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--contexts", nargs="+", default=None, help=f"default {' '.join(CONTEXTS)}")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=[variant for variant in VARIANTS if variant not in OPT_IN],
+    )
     parser.add_argument("--prefill-contexts", nargs="*", default=None, help="default 16K 64K")
     parser.add_argument("--prefill-chunk", type=int, default=8192, help="the hybrid's prefill chunk (tokens)")
     parser.add_argument("--prefill-repeats", type=int, default=2)

@@ -47,6 +47,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from hybridize.compat import output_cache
 from hybridize.converters import build_hybrid_config, hybrid_model_class, plan_layers
 from hybridize.converters.discovery import layer_specs
+from hybridize.inference.cuda_graphs import COMPILE_MODES
 from hybridize.inference.streaming import StreamingSession
 from hybridize.presets import (
     VISION_TOKEN_IDS,
@@ -554,6 +555,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch.compile the ViT blocks (both models) and the hybrid's captured per-frame prefill",
     )
     parser.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default=None,
+        help="torch.compile's mode for --compile (implies it)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="300 hybrid frames (90 s at most), stock up to 150 / 60 s"
     )
     parser.add_argument("--out", type=Path, default=None)
@@ -561,6 +568,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--plot-only", type=Path, default=None, help="redraw table and plot from a JSON result"
     )
     args = parser.parse_args(argv)
+    args.compile = args.compile_mode or args.compile
     if args.quick:
         args.frames, args.stock_frames, args.stock_seconds, args.hybrid_seconds = 300, 150, 60.0, 90.0
     args.window = args.window or (8192 if args.config == "3b" else 64)

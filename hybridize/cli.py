@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from hybridize.converters.plan import DEFAULT_WINDOW, PATTERNS
+from hybridize.inference.cuda_graphs import COMPILE_MODES
 from hybridize.mixers.base import INIT_POLICIES
 
 
@@ -192,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile the ViT blocks and the captured per-frame prefill (CUDA graphs; the first frames "
         "compile, about a minute for a 3B model)",
+    )
+    stream.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default=None,
+        help="torch.compile's mode for --compile (implies it); max-autotune-no-cudagraphs also tunes the "
+        "matrix products' kernels, minutes more",
     )
     return parser
 
@@ -492,6 +500,7 @@ def run_stream(args: argparse.Namespace) -> None:
         raise ValueError(f"--frame-size must be a positive multiple of {factor}, got {args.frame_size}.")
     parse_dtype(args.dtype)
     check_device(args.device)
+    args.compile = args.compile_mode or args.compile
     if args.compile and (args.no_cuda_graphs or not str(args.device or "").startswith("cuda")):
         raise ValueError(
             "--compile compiles the CUDA-graph-captured frame steps: it needs --device cuda and no "

@@ -14,6 +14,24 @@ from typing import Any
 import torch
 
 WARMUP_STEPS = 2
+# torch.compile modes that leave CUDA graphs to the caller ("reduce-overhead" and "max-autotune" capture graphs
+# of their own, which cannot sit inside ours). "max-autotune-no-cudagraphs" benchmarks Triton templates against
+# cuBLAS for every matrix product of the compiled shapes: minutes more compilation, sometimes faster kernels.
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+
+
+def compile_options(compile: bool | str | None) -> dict | None:
+    """torch.compile's keyword arguments for a `compile=` argument: None for False/None (no compilation),
+    {"mode": ...} for True ("default") or a mode of `COMPILE_MODES`; anything else is refused."""
+    if compile is None or compile is False:
+        return None
+    mode = "default" if compile is True else compile
+    if mode not in COMPILE_MODES:
+        raise ValueError(
+            f"compile={compile!r}: give True, False or a torch.compile mode that leaves CUDA graphs to hybridize "
+            f"({', '.join(COMPILE_MODES)})."
+        )
+    return {"mode": mode}
 
 
 def on_side_stream(fn: Callable[[], Any], device: torch.device | None = None) -> Any:

@@ -43,7 +43,7 @@ from hybridize.compat import (
     sliding_window_causal_mask,
 )
 from hybridize.converters.discovery import attention_configs, find_decoder_layout
-from hybridize.inference.cuda_graphs import WARMUP_STEPS, capture_cuda_graph, on_side_stream
+from hybridize.inference.cuda_graphs import WARMUP_STEPS, capture_cuda_graph, compile_options, on_side_stream
 from hybridize.inference.fusion import fuse_projections
 from hybridize.inference.sampling import choose_next_tokens
 from hybridize.inference.static_cache import FULL, SLIDING, StaticHybridCache
@@ -124,7 +124,9 @@ class StaticDecoder:
     graph, False never captures. The graph is tied to this cache's buffers: to decode from another state,
     `cache.copy_from(saved)` it in (a branch of a stream: `saved = cache.clone()`, decode, copy back).
     compile: run the decode step's forward through `torch.compile` before the capture (fuses the small
-    elementwise kernels between the matrix products; the first step compiles, ~30 s for Qwen2.5-VL-3B).
+    elementwise kernels between the matrix products; the first step compiles, ~30 s for Qwen2.5-VL-3B); True
+    or a mode of `hybridize.inference.cuda_graphs.COMPILE_MODES` ("max-autotune-no-cudagraphs" also tunes the
+    matrix products' kernels, minutes more).
     fuse: `hybridize.inference.fusion.fuse_projections(model)` first (sibling projections as one matrix product
     under no_grad; the caller's parameters become views of the fused weights, the model computes the same;
     `unfuse_projections(model)` undoes it). Off unless asked for.
@@ -137,9 +139,10 @@ class StaticDecoder:
         cache: StaticHybridCache,
         *,
         cuda_graph: bool | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         fuse: bool = False,
     ):
+        compile_kwargs = compile_options(compile)
         layout = find_decoder_layout(model)
         self.text_config = layout.decoder.config
         implementation = configured_attention(self.text_config)
@@ -155,7 +158,9 @@ class StaticDecoder:
         self.model, self.cache = model, cache
         if fuse:
             fuse_projections(model)
-        self._decode_forward = torch.compile(model, dynamic=False) if compile else model
+        self._decode_forward = model
+        if compile_kwargs is not None:
+            self._decode_forward = torch.compile(model, dynamic=False, **compile_kwargs)
         self.cuda_graph = cache.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -398,7 +403,7 @@ def static_generate(
     generation_config,
     decoder: StaticDecoder | None = None,
     cuda_graph: bool | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     fuse: bool = False,
     prefill_chunk_size: int | None = None,
     sync_every: int = 16,
@@ -488,7 +493,7 @@ def generate_fast(
     top_p: float | None = None,
     decoder: StaticDecoder | None = None,
     cuda_graph: bool | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     fuse: bool = False,
     prefill_chunk_size: int | None = None,
     sync_every: int = 16,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hybridize.compat import configured_attention, is_qwen2_5_vision, qwen2_5_vision_index_tensors
-from hybridize.inference.cuda_graphs import capture_cuda_graph
+from hybridize.inference.cuda_graphs import capture_cuda_graph, compile_options
 from hybridize.inference.vision_attention import BlockDiagonalMasks, packed_attention_on
 from hybridize.mixers.ops.flash import flash_kernel_usable
 
@@ -136,7 +136,8 @@ class FrameEncoder:
     else SDPA with a block-diagonal mask built once per frame size, rather than one call per window; its config
     names the packed attention only while a frame is encoded.
     Other attention implementations (a real flash one included) are left as they are.
-    `compile`: each vision block through torch.compile (fuses the norms, rotary and MLP elementwise kernels).
+    `compile`: each vision block through torch.compile (fuses the norms, rotary and MLP elementwise kernels);
+    True or a mode of `hybridize.inference.cuda_graphs.COMPILE_MODES`.
     """
 
     def __init__(
@@ -147,8 +148,9 @@ class FrameEncoder:
         size: tuple[int, int],
         use_graph: bool,
         packed_attention: bool = True,
-        compile: bool = False,
+        compile: bool | str = False,
     ):
+        compile_kwargs = compile_options(compile)
         vision_config = model.config.vision_config
         image_processor = processor.image_processor
         visual = model.model.visual
@@ -174,9 +176,9 @@ class FrameEncoder:
             head_dim = vision_config.hidden_size // vision_config.num_heads
             flash = flash_kernel_usable(device, visual.dtype, head_dim)
             self.vision_kwargs["block_diagonal_masks"] = BlockDiagonalMasks(flash=flash)
-        if compile and hasattr(visual, "blocks"):
+        if compile_kwargs is not None and hasattr(visual, "blocks"):
             for block in visual.blocks:  # one shape per frame size; the blocks share their compiled graph
-                block.compile(dynamic=False)
+                block.compile(dynamic=False, **compile_kwargs)
         embeddings = model.get_input_embeddings()(prompt.frame_ids.to(device))  # (L, hidden)
         self.before = embeddings[: prompt.vision_tokens.start]
         self.after = embeddings[prompt.vision_tokens.stop :]

@@ -27,7 +27,7 @@ from transformers import DynamicCache
 
 from hybridize.compat import attention_implementation, cache_argument, causal_mask, sliding_window_causal_mask
 from hybridize.converters.discovery import find_decoder_layout
-from hybridize.inference.cuda_graphs import capture_cuda_graph
+from hybridize.inference.cuda_graphs import capture_cuda_graph, compile_options
 from hybridize.inference.frames import text_positions
 from hybridize.inference.static_cache import SLIDING, StaticHybridCache
 from hybridize.inference.window_attention import WINDOW_ATTENTION, WindowKeys
@@ -237,15 +237,18 @@ class CapturedPrefill:
         state: StreamState,
         embeds: torch.Tensor,
         positions: torch.Tensor,
-        compile: bool = False,
+        compile: bool | str = False,
         phases: tuple[bool | None, ...] = (None,),
     ):
+        compile_kwargs = compile_options(compile)
         if not state.static or not state.cache.mixer_states_ready:
             raise ValueError("A captured prefill needs a static-cache stream that has prefilled once.")
         self.state = state
         # compile: the captured forward through torch.compile for this chunk's shapes (it fuses the small
         # kernels between the matrix products and the mixers' kernels); it is traced on the warm-up runs.
-        self.run = torch.compile(StreamState.run, dynamic=False) if compile else StreamState.run
+        self.run = StreamState.run
+        if compile_kwargs is not None:
+            self.run = torch.compile(StreamState.run, dynamic=False, **compile_kwargs)
         self.embeds, self.positions = embeds.clone(), positions.clone()
         self.length = embeds.shape[1]
         saved = state.cache.clone()  # what the stream was: warm-ups and the capture run on it

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from hybridize.compat import configured_attention, generation_logits_processors
+from hybridize.inference.cuda_graphs import compile_options
 from hybridize.inference.decode import SUPPORTED_ATTENTION, StaticDecoder
 from hybridize.inference.frames import FrameEncoder, build_frame_prompt, parse_frame_size, text_positions
 from hybridize.inference.fusion import fuse_projections
@@ -70,7 +71,9 @@ class StreamingSession:
     growing layers and with SDPA or eager attention, which stream into a static cache).
     allow_growing_cache: stream into a model with full-attention layers, whose cache grows with every frame.
     compile: torch.compile the vision blocks and the captured per-frame prefill (CUDA graphs only; the first
-    frames compile, about a minute for Qwen2.5-VL-3B). The model's vision blocks stay compiled after the session
+    frames compile, about a minute for Qwen2.5-VL-3B); True or a mode of
+    `hybridize.inference.cuda_graphs.COMPILE_MODES` ("max-autotune-no-cudagraphs": minutes more, tuned matrix
+    products). The model's vision blocks stay compiled after the session
     (`hybridize.inference.fusion.restore_model(model)` undoes it, and `fuse`).
     fuse: `hybridize.inference.fusion.fuse_projections(model)` first (sibling projections of the mixers and the
     gated MLPs, ViT included, as one matrix product each; the model computes the same; the caller's parameters
@@ -89,8 +92,9 @@ class StreamingSession:
         static_decode: bool | None = None,
         allow_growing_cache: bool = False,
         fuse: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
     ):
+        compile_options(compile)  # a mode it does not know is refused before any work
         inner = getattr(model, "model", None)
         if not all(hasattr(inner, name) for name in ("visual", "get_rope_index")):
             raise ValueError(
@@ -120,7 +124,7 @@ class StreamingSession:
         self.cuda_graphs = cuda_graphs
         if compile and not cuda_graphs:
             raise ValueError(
-                "compile=True compiles the CUDA-graph-captured steps; it needs cuda_graphs=True."
+                f"compile={compile!r} compiles the CUDA-graph-captured steps; it needs cuda_graphs=True."
             )
         self.compile = compile
         self.encoder = FrameEncoder(

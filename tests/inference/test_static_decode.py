@@ -218,14 +218,32 @@ def test_bad_inputs_fail_before_any_work(llama_hybrid):
         StaticDecoder(llama_hybrid, cache, cuda_graph=True)
 
 
+def test_compile_modes_reach_torch_compile_and_graph_capturing_ones_are_refused(llama_hybrid, monkeypatch):
+    """compile=True is torch.compile's default mode; "max-autotune-no-cudagraphs" passes through; modes that
+    capture CUDA graphs of their own (inside ours they cannot) and unknown ones are refused."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    cache = StaticHybridCache.for_model(llama_hybrid, 1, 24)
+    for compile in (True, "max-autotune-no-cudagraphs", False):
+        StaticDecoder(llama_hybrid, cache, compile=compile)
+    assert calls == [
+        {"dynamic": False, "mode": "default"},
+        {"dynamic": False, "mode": "max-autotune-no-cudagraphs"},
+    ]
+    for bad in ("reduce-overhead", "max-autotune", "fast"):
+        with pytest.raises(ValueError, match="leaves CUDA graphs to hybridize"):
+            StaticDecoder(llama_hybrid, cache, compile=bad)
+
+
 @pytest.mark.slow
-def test_compiled_decode_step_matches_generate(tiny_hybrid, vl_inputs):
+@pytest.mark.parametrize("compile", [True, "max-autotune-no-cudagraphs"])
+def test_compiled_decode_step_matches_generate(tiny_hybrid, vl_inputs, compile):
     """The decode step through torch.compile (what `generate_fast(..., compile=True)` runs: the short convolutions
     as fused multiply-adds on their (B, D, kernel) states, the rest of the step fused around them) gives generate()'s
-    tokens, with an image and left padding (fp32 on CPU; ~20 s of compilation on 2 cores)."""
+    tokens, with an image and left padding (fp32 on CPU; ~20 s of compilation on 2 cores per mode)."""
     model = copy.deepcopy(tiny_hybrid).float()
     inputs = {**vl_inputs, "pixel_values": vl_inputs["pixel_values"].float()}
-    decoder = StaticDecoder(model, StaticHybridCache.for_model(model, 2, 200), compile=True)
+    decoder = StaticDecoder(model, StaticHybridCache.for_model(model, 2, 200), compile=compile)
     with torch.no_grad():
         fast = generate_fast(model, **inputs, max_new_tokens=12, decoder=decoder, do_sample=False)
         expected = model.generate(**inputs, max_new_tokens=12, do_sample=False)

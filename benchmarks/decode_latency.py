@@ -69,7 +69,10 @@ VARIANTS = (
 )
 OPT_IN = ("hybrid_static_graph_autotuned",)  # run only when named in --variants
 # torch.compile's mode per compiled variant
-COMPILED = {"hybrid_static_graph_compiled": True, "hybrid_static_graph_autotuned": "max-autotune-no-cudagraphs"}
+COMPILED = {
+    "hybrid_static_graph_compiled": True,
+    "hybrid_static_graph_autotuned": "max-autotune-no-cudagraphs",
+}
 CONTEXTS = ("1K", "16K", "64K", "128K", "512K", "1M")
 CONFIGS = {"3b": dict(window=8192), "tiny": dict(window=16)}
 

@@ -244,7 +244,9 @@ def test_static_decode_answers_like_the_dynamic_branch(hybrid64, tiny_teacher):
         StreamingSession(tiny_teacher[0], processor, static_decode=True, allow_growing_cache=True)
     with pytest.raises(ValueError, match="needs cuda_graphs=True"):
         StreamingSession(hybrid64, processor, cuda_graphs=False, compile=True)
-    with pytest.raises(ValueError, match="compile='reduce-overhead': give True, False or a torch.compile mode"):
+    with pytest.raises(
+        ValueError, match="compile='reduce-overhead': give True, False or a torch.compile mode"
+    ):
         StreamingSession(hybrid64, processor, cuda_graphs=False, compile="reduce-overhead")
 
 
@@ -528,7 +530,10 @@ def test_stream_cli_answers_at_the_given_times(saved_hybrid, video, capsys):
         ({"--max-new-tokens": "0"}, "at least 1"),
         ({"extra": ["--ask", "Q2?", "--at", "1", "--at", "2"]}, "one --at per --ask"),
         ({"extra": ["--compile"], "--device": "cpu"}, "--compile compiles the CUDA-graph"),
-        ({"extra": ["--compile-mode", "max-autotune-no-cudagraphs"], "--device": "cpu"}, "--compile compiles"),
+        (
+            {"extra": ["--compile-mode", "max-autotune-no-cudagraphs"], "--device": "cpu"},
+            "--compile compiles",
+        ),
         ({"extra": ["--compile-mode", "reduce-overhead"]}, "invalid choice: 'reduce-overhead'"),
     ],
 )

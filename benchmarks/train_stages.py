@@ -830,11 +830,11 @@ def main() -> None:
     out = args.out or RESULTS / f"train_stages_{tag}.json"
     remeasure = remeasured_runs(args.remeasure, args.variants, lengths)
     done = resumed_runs(report, out) if args.resume else {}
+    # every finished run of the earlier calls stays in the report from its first write on (a run to be measured
+    # again until it is), so a call stopped half-way (a time limit, a lost machine) loses none of them
+    report["runs"] = {name: dict(by_length) for name, by_length in done.items()}
     for name, length in remeasure:
         done.get(name, {}).pop(str(length), None)
-    # every finished run of the earlier calls stays in the report from its first write on, so a call stopped
-    # half-way (a time limit, a lost machine) loses none of them
-    report["runs"] = {name: dict(by_length) for name, by_length in done.items()}
     report["lengths"] = sorted(
         {*lengths, *(int(length) for by_length in done.values() for length in by_length)}
     )

@@ -273,7 +273,8 @@ def test_train_stages_resumes_a_sweep_over_several_calls(tmp_path, monkeypatch):
     assert fifth["runs"]["stage3_lora"] == second["runs"]["stage3_lora"]
     assert fifth["runs"]["stock_lora"]["32"]["tokens_per_s"] > 0
     assert fifth["runs"]["stock_lora"]["32"] != second["runs"]["stock_lora"]["32"]  # its own timings
-    # a call stopped after its first run (a time limit, a lost machine) has kept every earlier run
+    # a call stopped after its first run (a time limit, a lost machine) has kept every earlier run, the one it
+    # was to measure again too
     script = benchmark_script("train_stages", monkeypatch)
     measure = script.measure
     calls = []
@@ -285,9 +286,8 @@ def test_train_stages_resumes_a_sweep_over_several_calls(tmp_path, monkeypatch):
         return measure(*args, **kwargs)
 
     monkeypatch.setattr(script, "measure", measure_once)
-    monkeypatch.setattr(
-        sys, "argv", ["train_stages.py", *common, "--steps", "1", "--resume", "--lengths", "16"]
-    )
+    again = ["--lengths", "16", "32", "--remeasure", "stock_lora@32"]
+    monkeypatch.setattr(sys, "argv", ["train_stages.py", *common, "--steps", "1", "--resume", *again])
     with pytest.raises(KeyboardInterrupt):
         script.main()
     stopped = json.loads(out.read_text())

@@ -11,8 +11,14 @@ entry point every mixer calls, at `--lengths` tokens:
 Each backend's output, final state and gradients against the default's (relative RMS error). CUDA events
 around each call, `--warmup` calls first (fla autotunes on the first), median of `--repeats`.
 
+`--short-lengths`: the prefill of short inputs (a streamed frame is 258 tokens) under fla's default dispatch in
+both of its forms, the chunked kernel and the fused recurrent one (one program per head and value slice, looping
+over the tokens), with the recurrent's output and state against the chunked's: where the recurrent form stops
+being faster is where `hybridize.mixers.ops.backends.choose_mode`'s "auto" should switch (64 tokens today).
+
     python benchmarks/gdn_backends.py      # 8K and 64K tokens: ~1 minute, after fla's autotuning and FlashQLA's JIT
                                            # compilation (over 2 minutes on a fresh H100)
+    python benchmarks/gdn_backends.py --lengths 8192 --short-lengths 16 64 128 258 516 1032
 """
 
 from __future__ import annotations
@@ -67,8 +73,8 @@ def inputs(length: int, device: torch.device, seed: int) -> dict[str, torch.Tens
     }
 
 
-def call(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return gated_delta_rule(**tensors, output_final_state=True, backend="fla", mode="chunk")
+def call(tensors: dict[str, torch.Tensor], mode: str = "chunk") -> tuple[torch.Tensor, torch.Tensor]:
+    return gated_delta_rule(**tensors, output_final_state=True, backend="fla", mode=mode)
 
 
 def train_step(tensors: dict[str, torch.Tensor], grad_out: torch.Tensor) -> list[torch.Tensor]:
@@ -129,6 +135,27 @@ def measure(args, report: dict, device: torch.device, save) -> None:
             print(f"{backend} at {length} tokens: {result}", flush=True)
             save()
         os.environ.pop("FLA_FLASH_QLA", None)
+    for length in args.short_lengths:
+        tensors = inputs(length, device, args.seed)
+        results, reference = {}, None
+        with torch.no_grad():
+            for mode in ("chunk", "recurrent"):
+                outputs = list(call(tensors, mode))
+                ms = median_ms(lambda mode=mode: call(tensors, mode), args.warmup, args.repeats)
+                results[mode] = {"prefill_ms": ms, "prefill_tokens_per_s": length / ms * 1e3}
+                if reference is None:
+                    reference = outputs
+                else:
+                    results[mode]["error"] = {
+                        name: relative_rms(value, expected)
+                        for name, value, expected in zip(NAMES, outputs, reference, strict=False)
+                    }
+        results["recurrent_over_chunk_time"] = (
+            results["recurrent"]["prefill_ms"] / results["chunk"]["prefill_ms"]
+        )
+        report["short_prefill"][str(length)] = results
+        print(f"short prefill at {length} tokens: {results}", flush=True)
+        save()
 
 
 def markdown(report: dict) -> str:
@@ -157,12 +184,32 @@ def markdown(report: dict) -> str:
                 f"{r['prefill_tokens_per_s']:,.0f} | {r['train_ms']:.2f} | {r['train_tokens_per_s']:,.0f} | "
                 f"{errors} |"
             )
+    if report.get("short_prefill"):
+        lines += [
+            "",
+            "Short prefills under fla's default dispatch, chunked kernel against fused recurrent (no gradients):",
+            "",
+            "| tokens | chunk ms | recurrent ms | recurrent / chunk time | recurrent vs chunk, worst relative RMS |",
+            "|---|---|---|---|---|",
+        ]
+        for length, r in report["short_prefill"].items():
+            lines.append(
+                f"| {length} | {r['chunk']['prefill_ms']:.3f} | {r['recurrent']['prefill_ms']:.3f} | "
+                f"{r['recurrent_over_chunk_time']:.2f} | {max(r['recurrent']['error'].values()):.2e} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", nargs="+", type=int, default=[8192, 65536])
+    parser.add_argument("--lengths", nargs="*", type=int, default=[8192, 65536])
+    parser.add_argument(
+        "--short-lengths",
+        nargs="*",
+        type=int,
+        default=[],
+        help="also time short prefills, chunked against fused recurrent (e.g. 64 128 258 516)",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -172,7 +219,13 @@ def main(argv=None) -> None:
         sys.exit("gdn_backends.py times fla's CUDA kernels: run it on a GPU.")
     device = torch.device("cuda")
     out = args.out or default_output("gdn_backends", device, quick=False)
-    report = {**report_header("gdn_backends", argv, device), "heads": HEADS, "head_dim": HEAD_DIM, "runs": {}}
+    report = {
+        **report_header("gdn_backends", argv, device),
+        "heads": HEADS,
+        "head_dim": HEAD_DIM,
+        "runs": {},
+        "short_prefill": {},
+    }
 
     def save() -> None:
         write_report(report, out, markdown)

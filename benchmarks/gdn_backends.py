@@ -141,7 +141,7 @@ def measure(args, report: dict, device: torch.device, save) -> None:
         with torch.no_grad():
             for mode in ("chunk", "recurrent"):
                 outputs = list(call(tensors, mode))
-                ms = median_ms(lambda mode=mode: call(tensors, mode), args.warmup, args.repeats)
+                ms = median_ms(lambda m=mode, t=tensors: call(t, m), args.warmup, args.repeats)
                 results[mode] = {"prefill_ms": ms, "prefill_tokens_per_s": length / ms * 1e3}
                 if reference is None:
                     reference = outputs

@@ -49,6 +49,7 @@ from hybridize.converters import build_hybrid_config, hybrid_model_class, plan_l
 from hybridize.converters.discovery import layer_specs
 from hybridize.inference.cuda_graphs import COMPILE_MODES
 from hybridize.inference.streaming import StreamingSession
+from hybridize.mixers.ops import backends
 from hybridize.presets import (
     VISION_TOKEN_IDS,
     qwen2_5_vl_3b_config,
@@ -561,6 +562,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch.compile's mode for --compile (implies it)",
     )
     parser.add_argument(
+        "--recurrent-max-tokens",
+        type=int,
+        default=None,
+        help="fla's fused recurrent kernel for inputs up to this many tokens, chunked above (default: "
+        f"hybridize's, {backends.FLA_RECURRENT_MAX_TOKENS}; a frame is 258 tokens at 448x448)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="300 hybrid frames (90 s at most), stock up to 150 / 60 s"
     )
     parser.add_argument("--out", type=Path, default=None)
@@ -569,6 +577,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.compile = args.compile_mode or args.compile
+    if args.recurrent_max_tokens is not None:
+        if args.recurrent_max_tokens < 1:
+            parser.error("--recurrent-max-tokens must be at least 1")
+        backends.FLA_RECURRENT_MAX_TOKENS = args.recurrent_max_tokens  # for this process's every scan
     if args.quick:
         args.frames, args.stock_frames, args.stock_seconds, args.hybrid_seconds = 300, 150, 60.0, 90.0
     args.window = args.window or (8192 if args.config == "3b" else 64)
@@ -590,6 +602,7 @@ def main(argv=None) -> None:
             "frame_size": args.frame_size,
             "cuda_graphs": device.type == "cuda" and not args.no_cuda_graphs,
             "compile": args.compile,
+            "fla_recurrent_max_tokens": backends.FLA_RECURRENT_MAX_TOKENS,
             "matmul_tflops": matmul_flops_per_s(device) / 1e12 if device.type == "cuda" else None,
             "variants": {},
         }

@@ -115,9 +115,17 @@ def test_streaming_fps_streams_both_models(tmp_path, monkeypatch):
         "2",
         "--profile",
         "2",
+        "--recurrent-max-tokens",
+        "300",
     ]
+    from hybridize.mixers.ops import backends
+
+    monkeypatch.setattr(
+        backends, "FLA_RECURRENT_MAX_TOKENS", backends.FLA_RECURRENT_MAX_TOKENS
+    )  # restored after
     benchmark_script("streaming_fps", monkeypatch).main([*argv, "--out", str(out)])
     report = json.loads(out.read_text())
+    assert report["fla_recurrent_max_tokens"] == backends.FLA_RECURRENT_MAX_TOKENS == 300
     hybrid, stock = report["variants"]["hybrid"], report["variants"]["stock"]
     assert hybrid["frames"] == stock["frames"] == 14 and len(hybrid["latency_ms"]) == 14
     # --profile 2: two more frames profiled whole and their vision encoding alone (CPU: operators, no kernels)

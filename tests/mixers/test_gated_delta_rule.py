@@ -216,3 +216,20 @@ def test_fla_kernels_without_gradients_compile_whole_and_match_the_reference(mod
         compiled = torch.compile(run, fullgraph=True, backend="aot_eager")  # fails on a graph break
         for out, final in (run(q, k, v, g, beta, state, "fla"), compiled(q, k, v, g, beta, state, "fla")):
             assert relative_rms(expected, out) < 0.005 and relative_rms(expected_state, final) < 0.005
+
+
+def test_auto_mode_runs_fla_recurrent_up_to_its_limit(monkeypatch):
+    """ "auto": fla's fused recurrent kernel up to FLA_RECURRENT_MAX_TOKENS tokens without gradients, chunked above
+    or with gradients; torch's recurrent form only for one token."""
+    from hybridize.mixers.ops import backends
+
+    x = torch.zeros(1)
+    assert [backends.choose_mode("auto", "fla", n, x) for n in (1, 64, 65)] == [
+        "recurrent",
+        "recurrent",
+        "chunk",
+    ]
+    assert [backends.choose_mode("auto", "torch", n, x) for n in (1, 2)] == ["recurrent", "chunk"]
+    monkeypatch.setattr(backends, "FLA_RECURRENT_MAX_TOKENS", 258)  # a frame's prefill
+    assert backends.choose_mode("auto", "fla", 258, x) == "recurrent"
+    assert backends.choose_mode("auto", "fla", 258, x.requires_grad_()) == "chunk"

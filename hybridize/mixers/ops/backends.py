@@ -63,11 +63,17 @@ def check_backend(backend: str, kernels: tuple[str, ...], what: str) -> None:
         raise ValueError(f"{what} backend={backend!r} is not one of {choices}.")
 
 
+# "auto" runs fla's fused recurrent kernels on inputs of up to this many tokens without gradients, its chunked
+# kernels above (`benchmarks/gdn_backends.py --short-lengths` times both forms; a streamed frame is 258 tokens).
+FLA_RECURRENT_MAX_TOKENS = 64
+
+
 def choose_mode(mode: str, backend: str, length: int, *tensors: torch.Tensor) -> str:
     """ "chunk" or "recurrent" for a scan over `length` tokens. "auto": the recurrent form for decode-sized
-    inputs that need no gradient (one token on torch, up to 64 on fla's fused kernels), chunked otherwise."""
+    inputs that need no gradient (one token on torch, up to `FLA_RECURRENT_MAX_TOKENS` on fla's fused kernels),
+    chunked otherwise."""
     if mode == "auto":
-        short = length <= 64 if backend == "fla" else length == 1
+        short = length <= FLA_RECURRENT_MAX_TOKENS if backend == "fla" else length == 1
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         return "recurrent" if short and not needs_grad else "chunk"
     if mode not in ("chunk", "recurrent"):

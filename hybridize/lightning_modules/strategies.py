@@ -14,6 +14,7 @@ trainable tensors in them.
 
 from __future__ import annotations
 
+import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -39,3 +40,14 @@ class DecoderLayerFSDP(FSDPStrategy):
             }
             self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(classes)
         return super()._setup_model(model)
+
+
+def leave_process_group() -> None:
+    """Every rank leaves the default process group together, at the end of a run: a barrier, then
+    `destroy_process_group`. Left to each process's exit (Lightning's atexit hook), a rank could tear its group
+    down after rank 0, which holds the group's store, had already gone: two gloo ranks on CPU then aborted now
+    and then at exit (SIGABRT, "terminate called without an active exception") after a run that had finished.
+    Nothing happens in a process without a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -542,3 +542,20 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_a_finished_run_leaves_its_process_group(tmp_path):
+    """A stage's teardown (Lightning's last hook of a run) leaves the default process group after a barrier, so
+    no rank tears it down at exit after rank 0 (which holds its store) has gone; without a group it does nothing."""
+    hybrid, teacher, _ = converted(seed=1)
+    module = LayerwiseDistillation(hybrid, teacher=teacher, previous_stage=None)
+    module.teardown("fit")  # no process group: nothing to leave
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        module.teardown("fit")
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from hybridize.lightning_modules.data import ChatDataModule
 from hybridize.lightning_modules.stage import HybridStage
+from hybridize.lightning_modules.strategies import leave_process_group
 
 SUBCOMMANDS = ("fit", "validate")
 
@@ -102,3 +103,4 @@ def main(argv: list[str], debug: bool = False) -> None:
         if debug:
             raise
         raise ValueError(summarize_parser_error(str(error))) from None
+    leave_process_group()  # each rank of a DDP/FSDP run, together, before the process ends

@@ -37,7 +37,6 @@ from hybridize.converters.hybrid_model import PLAN_KEY
 from hybridize.converters.plan import LayerPlan, plan_layers, read_plan_file
 from hybridize.lightning_modules.losses import head_cross_entropy
 from hybridize.lightning_modules.packing import packed_position_ids
-from hybridize.lightning_modules.strategies import leave_process_group
 from hybridize.mixers.base import TokenMixer
 from hybridize.mixers.flash_window import FLASH_WINDOW
 
@@ -452,10 +451,6 @@ class HybridStage(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.export_dir is not None and self.trainer.is_global_zero:
             self.export(self.export_dir, overwrite=self.overwrite_export)
-
-    def teardown(self, stage: str) -> None:
-        # Lightning's last hook of a run (after on_fit_end's export on rank 0): the ranks leave together.
-        leave_process_group()
 
     def export(self, out: str | Path, *, overwrite: bool = False) -> Path:
         """Write the trained hybrid as a checkpoint `hybridize.load` reads, with this stage in its history."""

@@ -14,6 +14,7 @@ trainable tensors in them.
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
@@ -43,11 +44,21 @@ class DecoderLayerFSDP(FSDPStrategy):
 
 
 def leave_process_group() -> None:
-    """Every rank leaves the default process group together, at the end of a run: a barrier, then
-    `destroy_process_group`. Left to each process's exit (Lightning's atexit hook), a rank could tear its group
-    down after rank 0, which holds the group's store, had already gone: two gloo ranks on CPU then aborted now
-    and then at exit (SIGABRT, "terminate called without an active exception") after a run that had finished.
-    Nothing happens in a process without a process group."""
+    """Every rank leaves the default process group together: a barrier, then `destroy_process_group`. For the
+    end of a process hybridize owns (`hybridize train`, the workers a layer selection spawns), where nothing uses
+    the group afterwards. Left to each process's exit (Lightning's atexit hook), a rank could tear its group down
+    after rank 0, which holds the group's store, had already gone: two gloo ranks on CPU then aborted now and then
+    at exit (SIGABRT, "terminate called without an active exception") after a run that had finished. Nothing
+    happens in a process without a process group."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+class LeaveProcessGroup(L.Callback):
+    """`leave_process_group` as a Trainer's last hook, for workers that end with their `fit` (Lightning's
+    ddp_spawn: its launcher collects rank 0's weights without collectives). Not for a process that goes on to
+    use the group (a `state_dict` gathered under FSDP after `fit`, another `fit` on the same trainer)."""
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        leave_process_group()

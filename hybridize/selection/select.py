@@ -34,6 +34,7 @@ from hybridize.converters.convert import convert
 from hybridize.converters.discovery import find_decoder_layout
 from hybridize.converters.plan import plan_layers
 from hybridize.evaluation.metrics import answer_positions
+from hybridize.lightning_modules.strategies import LeaveProcessGroup
 from hybridize.selection.methods import get_method
 from hybridize.selection.probe import attach_probes, token_count
 
@@ -234,6 +235,7 @@ class SelectionRun:
             accelerator="gpu" if self.device.type == "cuda" else "cpu",
             devices=devices,
             strategy="ddp_spawn" if devices > 1 else "auto",
+            callbacks=[LeaveProcessGroup()] if devices > 1 else None,  # the spawned workers end with the fit
             precision=self.precision,
             logger=False,
             enable_checkpointing=False,

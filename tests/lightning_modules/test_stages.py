@@ -25,6 +25,7 @@ from hybridize.lightning_modules import (
 )
 from hybridize.lightning_modules.sft import adapters_follow_autocast
 from hybridize.lightning_modules.stage import head_is_last
+from hybridize.lightning_modules.strategies import LeaveProcessGroup
 from hybridize.lightning_modules.teacher import distilled_layers
 from hybridize.mixers import TokenMixer
 from hybridize.presets import tiny_model
@@ -545,16 +546,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_a_finished_run_leaves_its_process_group(tmp_path):
-    """A stage's teardown (Lightning's last hook of a run) leaves the default process group after a barrier, so
-    no rank tears it down at exit after rank 0 (which holds its store) has gone; without a group it does nothing."""
-    hybrid, teacher, _ = converted(seed=1)
-    module = LayerwiseDistillation(hybrid, teacher=teacher, previous_stage=None)
-    module.teardown("fit")  # no process group: nothing to leave
+    """LeaveProcessGroup (the spawned selection workers' last hook; `hybridize train` calls the same at its end):
+    the rank leaves the default process group after a barrier, so no rank tears it down at exit after rank 0
+    (which holds its store) has gone; without a group it does nothing."""
+    hook = LeaveProcessGroup()
+    hook.teardown(None, None, "fit")  # no process group: nothing to leave
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
     )
     try:
-        module.teardown("fit")
+        hook.teardown(None, None, "fit")
         assert not torch.distributed.is_initialized()
     finally:
         if torch.distributed.is_initialized():

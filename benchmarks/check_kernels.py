@@ -33,16 +33,11 @@ from hybridize.mixers.registry import build_mixer
 from hybridize.presets import QWEN2_5_VL_3B_ATTENTION
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import median_ms, require_fla  # noqa: E402
+from common import median_ms, relative_rms, require_fla  # noqa: E402
 
 # fla's tolerances (RMS(ref - x) / RMS(ref)) by quantity: forward, final state, and gradients of the
 # projected inputs (q, k, v, x, B, C) and of the gates (g, beta, gk, dt, A).
 FORWARD, RECURRENT, STATE, INPUT_GRAD, GATE_GRAD = 0.005, 0.002, 0.005, 0.008, 0.02
-
-
-def relative_rms(reference: torch.Tensor, value: torch.Tensor) -> float:
-    reference, value = reference.float(), value.float()
-    return ((reference - value).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt().clamp_min(1e-12)).item()
 
 
 def random_tensors(shapes: dict, device, seed=0) -> dict:

@@ -54,6 +54,12 @@ def require_fla(device: torch.device, cpu_hint: bool = True) -> None:
         )
 
 
+def relative_rms(reference: torch.Tensor, value: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
+    """RMS(reference - value) / RMS(reference), computed in `dtype` (float64 for a comparison with float64)."""
+    reference, value = reference.to(dtype), value.to(dtype)
+    return ((reference - value).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt().clamp_min(1e-12)).item()
+
+
 def run_setup(args, script: str, quick: bool = False) -> tuple[torch.device, torch.dtype, Path]:
     """The device `args.device` names (CUDA only with fla's kernels), the dtype the models run in there (bf16 on
     CUDA, fp32 elsewhere), and the report's path (`args.out`, else the default for the script and card)."""

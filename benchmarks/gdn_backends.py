@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from hybridize.mixers.ops.gated_delta_rule import gated_delta_rule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import default_output, median_ms, report_header, write_report  # noqa: E402
+from common import default_output, median_ms, relative_rms, report_header, write_report  # noqa: E402
 
 HEADS, HEAD_DIM = 16, 128
 BACKENDS = {"fla_default": "0", "flash_qla": "1"}  # FLA_FLASH_QLA for each
@@ -100,11 +100,6 @@ def time_backend(tensors: dict, grad_out: torch.Tensor, args) -> tuple[dict, dic
     }
 
 
-def relative_rms(value: torch.Tensor, reference: torch.Tensor) -> float:
-    value, reference = value.float(), reference.float()
-    return ((value - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt().clamp_min(1e-12)).item()
-
-
 def measure(args, report: dict, device: torch.device, save) -> None:
     dispatched = Dispatched()
     logging.getLogger("fla").addHandler(dispatched)
@@ -126,7 +121,7 @@ def measure(args, report: dict, device: torch.device, save) -> None:
             if reference:
                 for kind in ("prefill", "train"):
                     result[f"{kind}_error"] = {
-                        name: relative_rms(value, expected)
+                        name: relative_rms(expected, value)
                         for name, value, expected in zip(NAMES, outputs[kind], reference[kind], strict=False)
                     }
             else:
@@ -147,7 +142,7 @@ def measure(args, report: dict, device: torch.device, save) -> None:
                     reference = outputs
                 else:
                     results[mode]["error"] = {
-                        name: relative_rms(value, expected)
+                        name: relative_rms(expected, value)
                         for name, value, expected in zip(NAMES, outputs, reference, strict=False)
                     }
         results["recurrent_over_chunk_time"] = (

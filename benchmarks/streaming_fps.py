@@ -59,7 +59,15 @@ from hybridize.presets import (
 from hybridize.testing import held_states
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
-from common import free, is_oom, kernel_ms_by_kind_text, profile_steps, pyplot, run_benchmark  # noqa: E402
+from common import (  # noqa: E402
+    free,
+    is_oom,
+    kernel_ms_by_kind_text,
+    profile_steps,
+    pyplot,
+    relative_rms,
+    run_benchmark,
+)
 
 VARIANTS = ("hybrid", "stock")
 TARGET_FPS = 60.0
@@ -287,11 +295,6 @@ def new_session(
     )
 
 
-def relative_rms(reference: torch.Tensor, value: torch.Tensor) -> float:
-    reference, value = reference.double(), value.double()
-    return ((reference - value).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt().clamp(min=1e-30)).item()
-
-
 # Largest relative RMS error of the streamed logits and states against the one-pass forward. bf16 through 36
 # random-weight layers measured 0.07 (logits) to 0.14 (recurrent state) on an H100 (results/streaming_fps_h100.json);
 # a state lost or misplaced between frames gives ~1.
@@ -327,7 +330,7 @@ def check_one_shot(args, model, device: torch.device) -> dict:
         "frames": len(frames),
         "tokens": ids.shape[1],
         "prefill_graph": session.prefill_graph is not None,
-        "logits_rel_rms": relative_rms(logits, session.next_token_logits()),
+        "logits_rel_rms": relative_rms(logits, session.next_token_logits(), torch.float64),
         "same_argmax": bool(logits.argmax() == session.next_token_logits().argmax()),
         "state_rel_rms": worst_state_errors(session.state.cache, output_cache(out)),
     }
@@ -340,7 +343,7 @@ def check_one_shot(args, model, device: torch.device) -> dict:
     precise = precise_model(**inputs)
     result["precision_scale"] = {
         "dtype": str(wider).removeprefix("torch."),
-        "logits_rel_rms": relative_rms(precise.logits[:, -1], logits),
+        "logits_rel_rms": relative_rms(precise.logits[:, -1], logits, torch.float64),
         "state_rel_rms": worst_state_errors(output_cache(out), output_cache(precise)),
     }
     del out, precise, precise_model
@@ -352,7 +355,7 @@ def worst_state_errors(cache, reference_cache) -> dict[str, float]:
     """Relative RMS error of each kind of cache tensor against the reference cache's, worst layer."""
     errors: dict[str, float] = {}
     for (key, mine), (_, reference) in zip(held_states(cache), held_states(reference_cache), strict=True):
-        errors[key] = max(errors.get(key, 0.0), relative_rms(reference, mine))
+        errors[key] = max(errors.get(key, 0.0), relative_rms(reference, mine, torch.float64))
     return errors
 
 

@@ -836,7 +836,7 @@ def main() -> None:
     for name, length in remeasure:
         done.get(name, {}).pop(str(length), None)
     report["lengths"] = sorted(
-        {*lengths, *(int(length) for by_length in done.values() for length in by_length)}
+        {*lengths, *(int(length) for by_length in report["runs"].values() for length in by_length)}
     )
     start = time.perf_counter()
     for name, length in run_order(args.variants, lengths, shape.packed_length):

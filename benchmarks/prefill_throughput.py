@@ -12,8 +12,8 @@ run the same kernels, which halves the cost of a stock run of minutes):
   kernel with the state carried between chunks): constant memory at any length.
 
 The stock model runs until it cannot: out of memory, or a projected run longer than what is left of
-`--time-budget-s` (its time grows about quadratically with the context: the previous context's time times the
-squared ratio). Before the sweep the hybrid's chunk size is tuned at `--chunk-sweep-context`
+`--time-budget-s` (its time grows about quadratically with the context: the previous context's seconds per forward
+times the squared ratio, times the forwards the next point runs). Before the sweep the hybrid's chunk size is tuned at `--chunk-sweep-context`
 (`--chunk-sweep` sizes; `--chunk` is the one the sweep then uses). Tokens/s, seconds and peak memory
 (`max_memory_allocated`, weights included) per run; the summary gives the hybrid's ratio to the stock model per
 context and how flat the hybrid's rate is (slowest over fastest context).
@@ -22,7 +22,7 @@ context and how flat the hybrid's rate is (slowest over fastest context).
     python benchmarks/prefill_throughput.py --config tiny --device cpu --contexts 64 128 --chunk-sweep 16 32 \
         --chunk-sweep-context 64 --chunk 32            # CPU smoke run
     python benchmarks/prefill_throughput.py --contexts 128K 512K --chunk-sweep --repeats 1 --warmup first \
-        --time-budget-s 300                            # stock at 512K (~100 s a run on an H100)
+        --time-budget-s 300                            # stock at 512K (87 s on an H100)
     python benchmarks/prefill_throughput.py --plot-only benchmarks/results/prefill_throughput_h100.json
 """
 
@@ -97,10 +97,10 @@ def run(args, report: dict, device: torch.device, dtype: torch.dtype, save) -> N
     del hybrid
     free()
     stock = build_model(args.config, False, args.window, device, dtype, args.seed)
-    previous: tuple[int, float] | None = None  # (context, wall seconds) of the last stock run
+    previous: tuple[int, float] | None = None  # (context, wall seconds per forward) of the last stock run
     stopped = None
     for context in args.contexts:
-        projected = None if previous is None else previous[1] * (context / previous[0]) ** 2
+        projected = None if previous is None else projected_seconds(args, previous, context)
         if stopped is None and projected is not None and time.perf_counter() + projected > deadline:
             stopped = f"skipped (projected {projected:.0f} s, past the time budget)"
         if stopped is not None:
@@ -110,7 +110,7 @@ def run(args, report: dict, device: torch.device, dtype: torch.dtype, save) -> N
             if result.get("oom"):
                 stopped = "skipped (out of memory at a shorter context)"
             else:
-                previous = (context, result["wall_s"])
+                previous = (context, result["wall_s"] / forwards(args, result["untimed_first"]))
         report["runs"]["stock"][label(context)] = result
         print(f"stock {label(context)}: {result}", flush=True)
         save()
@@ -118,6 +118,18 @@ def run(args, report: dict, device: torch.device, dtype: torch.dtype, save) -> N
     free()
     report["summary"] = summary(report)
     save()
+
+
+def forwards(args, untimed_first: bool) -> int:
+    """How many forwards one point runs: `--repeats` timed, after an untimed one when `untimed_first`."""
+    return args.repeats + int(untimed_first)
+
+
+def projected_seconds(args, previous: tuple[int, float], context: int) -> float:
+    """The stock model's next point: the last point's seconds per forward, grown with the squared context ratio,
+    times the forwards the point runs (no untimed one under `--warmup first`, the model being warm)."""
+    last_context, seconds_per_forward = previous
+    return seconds_per_forward * (context / last_context) ** 2 * forwards(args, args.warmup == "each")
 
 
 def summary(report: dict) -> dict:

@@ -254,6 +254,21 @@ def test_prefill_throughput_tunes_the_chunk_and_stops_the_stock_model(tmp_path, 
     assert hybrid_prefills == [32, 32, 64]  # 32 untimed and timed, 64 timed only
 
 
+def test_prefill_throughput_projects_the_forwards_the_next_stock_point_runs(monkeypatch):
+    """A stock point's projected time is the last point's seconds per forward, grown quadratically, times the
+    forwards the next point runs: under --warmup first one timed forward, not an untimed one as well (the 512K
+    run of 2026-12-07 was skipped at a projected 199 s that was one 99 s forward)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    script = benchmark_script("prefill_throughput", monkeypatch)
+    last = (128, 12.4 / script.forwards(argparse.Namespace(repeats=1), True))  # 128K: untimed + timed, 12.4 s
+    first, each = (argparse.Namespace(repeats=1, warmup=warmup) for warmup in ("first", "each"))
+    assert script.projected_seconds(first, last, 512) == pytest.approx(6.2 * 16)
+    assert script.projected_seconds(each, last, 512) == pytest.approx(2 * 6.2 * 16)
+    assert script.projected_seconds(
+        argparse.Namespace(repeats=3, warmup="first"), last, 256
+    ) == pytest.approx(3 * 6.2 * 4)
+
+
 def test_train_stages_resumes_a_sweep_over_several_calls(tmp_path, monkeypatch):
     """--resume keeps what an earlier call measured and measures what it skipped; other settings are refused."""
     out = tmp_path / "sweep.json"

@@ -14,7 +14,9 @@ around each call, `--warmup` calls first (fla autotunes on the first), median of
 `--short-lengths`: the prefill of short inputs (a streamed frame is 258 tokens) under fla's default dispatch in
 both of its forms, the chunked kernel and the fused recurrent one (one program per head and value slice, looping
 over the tokens), with the recurrent's output and state against the chunked's: where the recurrent form stops
-being faster is where `hybridize.mixers.ops.backends.choose_mode`'s "auto" should switch (64 tokens today).
+being faster is where `hybridize.mixers.ops.backends.choose_mode`'s "auto" should switch (64 tokens today). Each
+form is timed eagerly and replayed from a CUDA graph (the stream's per-frame prefill is captured, so there the
+launches cost nothing; `--no-graphs` leaves that out).
 
     python benchmarks/gdn_backends.py      # 8K and 64K tokens: ~1 minute, after fla's autotuning and FlashQLA's JIT
                                            # compilation (over 2 minutes on a fresh H100)
@@ -33,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hybridize.inference.cuda_graphs import capture_cuda_graph
 from hybridize.mixers.ops.gated_delta_rule import gated_delta_rule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
@@ -138,6 +141,9 @@ def measure(args, report: dict, device: torch.device, save) -> None:
                 outputs = list(call(tensors, mode))
                 ms = median_ms(lambda m=mode, t=tensors: call(t, m), args.warmup, args.repeats)
                 results[mode] = {"prefill_ms": ms, "prefill_tokens_per_s": length / ms * 1e3}
+                if args.graphs:
+                    graph, _ = capture_cuda_graph(lambda m=mode, t=tensors: call(t, m))
+                    results[mode]["graph_ms"] = median_ms(graph.replay, args.warmup, args.repeats)
                 if reference is None:
                     reference = outputs
                 else:
@@ -148,6 +154,10 @@ def measure(args, report: dict, device: torch.device, save) -> None:
         results["recurrent_over_chunk_time"] = (
             results["recurrent"]["prefill_ms"] / results["chunk"]["prefill_ms"]
         )
+        if args.graphs:
+            results["recurrent_over_chunk_graph_time"] = (
+                results["recurrent"]["graph_ms"] / results["chunk"]["graph_ms"]
+            )
         report["short_prefill"][str(length)] = results
         print(f"short prefill at {length} tokens: {results}", flush=True)
         save()
@@ -184,13 +194,20 @@ def markdown(report: dict) -> str:
             "",
             "Short prefills under fla's default dispatch, chunked kernel against fused recurrent (no gradients):",
             "",
-            "| tokens | chunk ms | recurrent ms | recurrent / chunk time | recurrent vs chunk, worst relative RMS |",
-            "|---|---|---|---|---|",
+            "| tokens | chunk ms | recurrent ms | recurrent / chunk time | in a CUDA graph: chunk ms | recurrent ms | "
+            "recurrent / chunk time | recurrent vs chunk, worst relative RMS |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for length, r in report["short_prefill"].items():
+            graphed = (
+                f"{r['chunk']['graph_ms']:.3f} | {r['recurrent']['graph_ms']:.3f} | "
+                f"{r['recurrent_over_chunk_graph_time']:.2f}"
+                if "recurrent_over_chunk_graph_time" in r
+                else "not timed | | "
+            )
             lines.append(
                 f"| {length} | {r['chunk']['prefill_ms']:.3f} | {r['recurrent']['prefill_ms']:.3f} | "
-                f"{r['recurrent_over_chunk_time']:.2f} | {max(r['recurrent']['error'].values()):.2e} |"
+                f"{r['recurrent_over_chunk_time']:.2f} | {graphed} | {max(r['recurrent']['error'].values()):.2e} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -204,6 +221,12 @@ def main(argv=None) -> None:
         type=int,
         default=[],
         help="also time short prefills, chunked against fused recurrent (e.g. 64 128 258 516)",
+    )
+    parser.add_argument(
+        "--no-graphs",
+        dest="graphs",
+        action="store_false",
+        help="time the short prefills eagerly only, not also replayed from a CUDA graph",
     )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=10)

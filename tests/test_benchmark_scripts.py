@@ -331,24 +331,36 @@ def test_train_stages_resumes_a_sweep_over_several_calls(tmp_path, monkeypatch):
 
 def test_gdn_backends_times_short_prefills_in_both_forms(monkeypatch):
     """--short-lengths: chunked and fused recurrent prefill of the same inputs, the recurrent's output and state
-    against the chunked's, in the report and its table (on CPU through the PyTorch references, untimed)."""
+    against the chunked's, eagerly and replayed from a CUDA graph, in the report and its table (on CPU through the
+    PyTorch references, untimed; the graph a stand-in that replays the captured call)."""
     script = benchmark_script("gdn_backends", monkeypatch)
-    modes = []
+    modes, captured = [], []
+
+    def capture_cuda_graph(fn):
+        captured.append(fn()[0].shape[1])
+        return argparse.Namespace(replay=lambda: fn() and None), None
 
     def call(tensors, mode="chunk"):
         modes.append((tensors["q"].shape[1], mode))
         return script.gated_delta_rule(**tensors, output_final_state=True, backend="torch", mode=mode)
 
     monkeypatch.setattr(script, "call", call)
-    monkeypatch.setattr(script, "median_ms", lambda fn, warmup, repeats: fn() and 2.0)
-    args = argparse.Namespace(lengths=[], short_lengths=[8, 24], warmup=1, repeats=1, seed=0)
+    monkeypatch.setattr(script, "capture_cuda_graph", capture_cuda_graph)
+    monkeypatch.setattr(script, "median_ms", lambda fn, warmup, repeats: (fn() or 1) and 2.0)
+    args = argparse.Namespace(lengths=[], short_lengths=[8, 24], warmup=1, repeats=1, seed=0, graphs=True)
     report = {"command": "gdn_backends.py", "device": "cpu", "date": "today", "versions": {}, "runs": {}}
     report["short_prefill"] = {}
     script.measure(args, report, torch.device("cpu"), lambda: None)
     assert sorted(set(modes)) == [(8, "chunk"), (8, "recurrent"), (24, "chunk"), (24, "recurrent")]
+    assert captured == [8, 8, 24, 24]  # each form of each length captured once
     for length in ("8", "24"):
         result = report["short_prefill"][length]
         assert result["recurrent_over_chunk_time"] == 1.0 and result["chunk"]["prefill_tokens_per_s"] > 0
+        assert result["recurrent_over_chunk_graph_time"] == 1.0 and result["recurrent"]["graph_ms"] == 2.0
         assert set(result["recurrent"]["error"]) == {"out", "state"}
         assert 0 < max(result["recurrent"]["error"].values()) < 1e-2  # two bf16 forms of one scan
-    assert "| 24 | 2.000 | 2.000 | 1.00 |" in script.markdown(report)
+    assert "| 24 | 2.000 | 2.000 | 1.00 | 2.000 | 2.000 | 1.00 |" in script.markdown(report)
+    args.graphs = False  # --no-graphs: eager only
+    script.measure(args, report, torch.device("cpu"), lambda: None)
+    assert "graph_ms" not in report["short_prefill"]["8"]["chunk"] and captured == [8, 8, 24, 24]
+    assert "| 24 | 2.000 | 2.000 | 1.00 | not timed | |  |" in script.markdown(report)

@@ -16,7 +16,9 @@ prefilled into the cache. The ViT is included in every number.
   runs).
 
 Per frame: latency between CUDA events around `add_frame` (the GPU time of the frame, launch gaps included;
-no synchronisation between frames, so the host may queue the next frame while the GPU works) and the peaks of
+no synchronisation between frames, so the host may queue the next frame while the GPU works; in
+`hybrid_overlapped` a frame's ViT runs on a second stream beside the previous frame's prefill, and the events
+then measure the time between two frames' ends) and the peaks of
 `torch.cuda.max_memory_allocated` (tensors, weights included) and `max_memory_reserved` (what the allocator
 holds from the device, CUDA graph pools included: a graph's replay allocates nothing, so only this one shows
 its memory) during the frame. Per window of frames (10-100, then
@@ -69,7 +71,7 @@ from common import (  # noqa: E402
     run_benchmark,
 )
 
-VARIANTS = ("hybrid", "stock")
+VARIANTS = ("hybrid", "hybrid_overlapped", "stock")
 TARGET_FPS = 60.0
 POOL = 8  # distinct random frames, cycled
 QUESTION = "What happened in the video so far?"
@@ -282,7 +284,7 @@ def targets(result: dict) -> dict:
 
 
 def new_session(
-    args, model, device: torch.device, hybrid: bool, compile: bool | None = None
+    args, model, device: torch.device, hybrid: bool, compile: bool | None = None, overlap: bool = False
 ) -> StreamingSession:
     return StreamingSession(
         model,
@@ -292,6 +294,7 @@ def new_session(
         allow_growing_cache=not hybrid,
         fuse=True,
         compile=args.compile if compile is None else compile,
+        overlap_encoder=overlap,
     )
 
 
@@ -302,14 +305,14 @@ ONE_SHOT_TOLERANCE = 0.2
 
 
 @torch.no_grad()
-def check_one_shot(args, model, device: torch.device) -> dict:
+def check_one_shot(args, model, device: torch.device, overlap: bool = False) -> dict:
     """The stream's state after `--check-frames` frames (fed one at a time, CUDA graphs and all) against the
     model's own forward over the same tokens in one pass (its own ViT, get_rope_index positions and cache):
     relative RMS error of the next-token logits and of each kind of cache tensor (worst layer). Beside it, the
     precision's own scale: that forward against the same in a wider dtype (float32 for a bf16 model, float64 for
     float32). Without torch.compile: compiled vision blocks would also run (and recompile for) the one-shot
-    forward."""
-    session = new_session(args, model, device, hybrid=True, compile=False)
+    forward. `overlap`: the stream's frames encoded on a second CUDA stream (`hybrid_overlapped`)."""
+    session = new_session(args, model, device, hybrid=True, compile=False, overlap=overlap)
     frames = [frame_pool(args.frame_size, device)[i % POOL] for i in range(args.check_frames)]
     for frame in frames:
         session.add_frame(frame)
@@ -360,12 +363,13 @@ def worst_state_errors(cache, reference_cache) -> dict[str, float]:
 
 
 def run_variant(args, report: dict, variant: str, device: torch.device, dtype: torch.dtype, save) -> None:
-    hybrid = variant == "hybrid"
+    hybrid, overlap = variant != "stock", variant == "hybrid_overlapped"
     print(f"building the {variant} model ...", flush=True)
     model = build_model(args.config, hybrid, args.window, device, dtype)
     if hybrid and args.check_frames:
         print(f"checking {args.check_frames} streamed frames against one forward over them ...", flush=True)
-        check = report["one_shot_check"] = check_one_shot(args, model, device)
+        check = check_one_shot(args, model, device, overlap)
+        report["one_shot_check" if variant == "hybrid" else f"one_shot_check_{variant}"] = check
         save()
         print(json.dumps(check), flush=True)
         worst = max(check["logits_rel_rms"], *check["state_rel_rms"].values())
@@ -374,7 +378,7 @@ def run_variant(args, report: dict, variant: str, device: torch.device, dtype: t
                 f"The streamed state differs from one forward over the same frames by {worst:.3f} (relative RMS), "
                 f"more than bf16 rounding explains ({ONE_SHOT_TOLERANCE}): a streaming bug (the report holds the errors by tensor kind)."
             )
-    session = new_session(args, model, device, hybrid)
+    session = new_session(args, model, device, hybrid, overlap=overlap)
     frames = args.frames if hybrid else min(args.frames, args.stock_frames)
     print(f"streaming {frames} frames into the {variant} model ...", flush=True)
     result = stream(args, session, device, frames, args.hybrid_seconds if hybrid else args.stock_seconds)
@@ -466,16 +470,18 @@ def markdown(report: dict) -> str:
     if report.get("matmul_tflops"):
         head += f"; measured bf16 matmul rate {report['matmul_tflops']:.0f} TFLOP/s"
     sections = [markdown_variant(variant, result) for variant, result in report["variants"].items()]
-    check = report.get("one_shot_check")
-    if check:
-        states = ", ".join(f"{key} {error:.2e}" for key, error in check["state_rel_rms"].items())
-        sections.insert(
-            0,
-            f"One-shot check: {check['frames']} frames streamed one at a time (prefill graph used: "
-            f"{check['prefill_graph']}) against one forward over the same {check['tokens']} tokens, relative "
-            f"RMS error: logits {check['logits_rel_rms']:.2e} (same argmax: {check['same_argmax']}); worst layer "
-            f"per state: {states}." + precision_text(check.get("precision_scale")),
-        )
+    for variant in reversed(VARIANTS[:2]):
+        check = report.get("one_shot_check" if variant == "hybrid" else f"one_shot_check_{variant}")
+        if check:
+            states = ", ".join(f"{key} {error:.2e}" for key, error in check["state_rel_rms"].items())
+            sections.insert(
+                0,
+                f"One-shot check ({variant}): {check['frames']} frames streamed one at a time (prefill graph "
+                f"used: {check['prefill_graph']}) against one forward over the same {check['tokens']} tokens, "
+                f"relative RMS error: logits {check['logits_rel_rms']:.2e} (same argmax: "
+                f"{check['same_argmax']}); worst layer per state: {states}."
+                + precision_text(check.get("precision_scale")),
+            )
     return "\n\n".join([head, *sections]) + "\n"
 
 
@@ -523,7 +529,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=("3b", "tiny"), default="3b")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        default=["hybrid", "stock"],
+        help="hybrid_overlapped: the hybrid's session with overlap_encoder=True (each frame's ViT on a second "
+        "CUDA stream, beside the previous frame's prefill)",
+    )
     parser.add_argument("--frames", type=int, default=2000, help="frames streamed into the hybrid")
     parser.add_argument(
         "--stock-frames", type=int, default=600, help="at most this many into the stock model"
@@ -580,6 +593,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.compile = args.compile_mode or args.compile
+    if "hybrid_overlapped" in args.variants and (args.no_cuda_graphs or not args.device.startswith("cuda")):
+        parser.error("hybrid_overlapped overlaps CUDA graphs on two streams: it needs a CUDA --device")
     if args.recurrent_max_tokens is not None:
         if args.recurrent_max_tokens < 1:
             parser.error("--recurrent-max-tokens must be at least 1")

@@ -201,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile's mode for --compile (implies it); max-autotune-no-cudagraphs also tunes the "
         "matrix products' kernels, minutes more",
     )
+    stream.add_argument(
+        "--overlap-encoder",
+        action="store_true",
+        help="encode each frame on a second CUDA stream, beside the previous frame's prefill (CUDA graphs)",
+    )
     return parser
 
 
@@ -506,6 +511,11 @@ def run_stream(args: argparse.Namespace) -> None:
             "--compile compiles the CUDA-graph-captured frame steps: it needs --device cuda and no "
             "--no-cuda-graphs."
         )
+    if args.overlap_encoder and (args.no_cuda_graphs or not str(args.device or "").startswith("cuda")):
+        raise ValueError(
+            "--overlap-encoder overlaps the CUDA-graph-captured frame steps on two streams: it needs --device "
+            "cuda and no --no-cuda-graphs."
+        )
     duration = video_duration(args.video)
     schedule = question_schedule(args.ask, args.at, duration)
     stream_video(args, duration, schedule)
@@ -535,6 +545,7 @@ def stream_video(args: argparse.Namespace, duration: float, schedule: list[tuple
         cuda_graphs=False if args.no_cuda_graphs else None,
         fuse=True,  # the model is ours for this one command
         compile=args.compile,
+        overlap_encoder=args.overlap_encoder,
     )
     pending = list(schedule)
 

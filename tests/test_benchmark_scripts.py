@@ -100,7 +100,7 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
     assert comparison["loss_max_rel_diff"] < 1e-9  # fp64: only the all-reduce's order of additions differs
 
 
-def test_streaming_fps_streams_both_models(tmp_path, monkeypatch):
+def test_streaming_fps_streams_both_models(tmp_path, monkeypatch, capsys):
     out = tmp_path / "streaming.json"
     argv = [
         "--config",
@@ -148,6 +148,10 @@ def test_streaming_fps_streams_both_models(tmp_path, monkeypatch):
     assert check["logits_rel_rms"] < 3 * scale["logits_rel_rms"]
     assert "against the same in float64" in out.with_suffix(".md").read_text()
     assert "| 10-14 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").is_file()
+    assert "One-shot check (hybrid)" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):  # two CUDA streams: refused on the CPU before any model is built
+        benchmark_script("streaming_fps", monkeypatch).parse_args([*argv, "--variants", "hybrid_overlapped"])
+    assert "hybrid_overlapped overlaps CUDA graphs on two streams" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

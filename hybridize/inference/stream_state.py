@@ -282,9 +282,17 @@ class CapturedPrefill:
         return None if None in self.graphs else self.state.window_full()
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor) -> None:
-        graph, hidden = self.graphs[self.phase()]
+        self.load(embeds, positions)
+        self.replay()
+
+    def load(self, embeds: torch.Tensor, positions: torch.Tensor) -> None:
+        """Copy the next chunk's embeddings and positions into the graphs' inputs (`replay` then runs it); once
+        this is queued, the caller's `embeds` may be overwritten by work ordered after it."""
         self.embeds.copy_(embeds)
         self.positions.copy_(positions)
+
+    def replay(self) -> None:
+        graph, hidden = self.graphs[self.phase()]
         graph.replay()
         self.state.advance(self.length)
         self.state.last_hidden = hidden

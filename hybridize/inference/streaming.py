@@ -54,6 +54,27 @@ class StaticAnswers:
         return self.decoder.step(torch.tensor([token_id], device=self.cache.device)).float()
 
 
+class EncoderStream:
+    """The side stream of `StreamingSession(overlap_encoder=True)` and the two events that order it: `read`, on
+    the prefill's stream once a frame's embeddings are copied into the prefill's inputs (the next encoding
+    overwrites them), and `ready`, on the side stream once a frame is encoded."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+        self.read, self.ready = torch.cuda.Event(), torch.cuda.Event()
+
+    def encode(self, encoder: FrameEncoder, frame) -> torch.Tensor:
+        current = torch.cuda.current_stream(self.stream.device)
+        if isinstance(frame, torch.Tensor) and frame.is_cuda:
+            self.stream.wait_stream(current)  # the frame may be the output of work queued before
+        self.stream.wait_event(self.read)
+        with torch.cuda.stream(self.stream):
+            embeds = encoder(frame)
+            self.ready.record()
+        current.wait_event(self.ready)
+        return embeds
+
+
 class StreamingSession:
     """Feed video frames one at a time into a (hybrid) Qwen2.5-VL in constant memory; ask questions any time.
 
@@ -78,6 +99,12 @@ class StreamingSession:
     fuse: `hybridize.inference.fusion.fuse_projections(model)` first (sibling projections of the mixers and the
     gated MLPs, ViT included, as one matrix product each; the model computes the same; the caller's parameters
     become views of the fused weights until `unfuse_projections(model)`). Off unless asked for.
+    overlap_encoder: once the encoder and the prefill are captured, encode each frame on a second CUDA stream,
+    so that its ViT runs beside the previous frame's prefill (both leave much of the GPU idle: a frame's 258
+    rows are few for the matrix products, a Gated DeltaNet chunk kernel runs a program per head and chunk). Each
+    frame waits for its own encoding, each encoding for the previous frame's embeddings to be read: the stream's
+    state is the same. A frame already on the GPU is encoded after the work queued before it (no overlap), since
+    it may be that work's output. Needs cuda_graphs.
     """
 
     @torch.no_grad()  # not inference mode: its tensors stay usable wherever the caller runs the encoder
@@ -93,6 +120,7 @@ class StreamingSession:
         allow_growing_cache: bool = False,
         fuse: bool = False,
         compile: bool | str = False,
+        overlap_encoder: bool = False,
     ):
         compile_options(compile)  # a mode it does not know is refused before any work
         inner = getattr(model, "model", None)
@@ -127,6 +155,12 @@ class StreamingSession:
                 f"compile={compile!r} compiles the CUDA-graph-captured steps; it needs cuda_graphs=True."
             )
         self.compile = compile
+        if overlap_encoder and not cuda_graphs:
+            raise ValueError(
+                "overlap_encoder=True encodes frames on a second CUDA stream beside the captured prefill; it "
+                "needs cuda_graphs=True (a model on a CUDA device)."
+            )
+        self.overlap = EncoderStream(device) if overlap_encoder else None
         self.encoder = FrameEncoder(
             model, processor, self.prompt, self.frame_size, use_graph=cuda_graphs, compile=compile
         )
@@ -183,7 +217,7 @@ class StreamingSession:
     def add_frame(self, frame) -> None:
         """Encode one frame and prefill its tokens into the stream's state. The work is queued on the GPU and
         not waited for: a frame in pinned host memory must stay unchanged until the GPU has copied it."""
-        embeds = self.encoder(frame)
+        embeds = self.encode(frame)
         positions = self.frame_positions + self.state.position
         if self.captured is None and self.capture_prefill and self.frames:
             full = self.state.window_full()
@@ -200,11 +234,27 @@ class StreamingSession:
                 )
                 self.capture_prefill = False
         if self.captured is not None:
-            self.captured(embeds, positions)
+            self.captured.load(embeds, positions)
+            self.embeddings_read()
+            self.captured.replay()
             self.state.position += self.prompt.frame_span
         else:
             self.state.prefill(embeds, positions, self.prompt.frame_span)
+            self.embeddings_read()
         self.frames += 1
+
+    def encode(self, frame) -> torch.Tensor:
+        """The frame's token embeddings, on the encoder's stream under `overlap_encoder` once the encoder and the
+        prefill are captured (until then, and for frames already on the GPU, ordered after the work before)."""
+        steady = self.encoder.graph is not None and not (self.capture_prefill and self.captured is None)
+        if self.overlap is None or not steady:
+            return self.encoder(frame)
+        return self.overlap.encode(self.encoder, frame)
+
+    def embeddings_read(self) -> None:
+        """Mark the point in the current stream after which the encoder may overwrite the frame's embeddings."""
+        if self.overlap is not None:
+            self.overlap.read.record()
 
     @torch.inference_mode()
     def next_token_logits(self) -> torch.Tensor:

@@ -244,6 +244,8 @@ def test_static_decode_answers_like_the_dynamic_branch(hybrid64, tiny_teacher):
         StreamingSession(tiny_teacher[0], processor, static_decode=True, allow_growing_cache=True)
     with pytest.raises(ValueError, match="needs cuda_graphs=True"):
         StreamingSession(hybrid64, processor, cuda_graphs=False, compile=True)
+    with pytest.raises(ValueError, match="overlap_encoder=True encodes frames on a second CUDA stream"):
+        StreamingSession(hybrid64, processor, cuda_graphs=False, overlap_encoder=True)
     with pytest.raises(
         ValueError, match="compile='reduce-overhead': give True, False or a torch.compile mode"
     ):
@@ -408,6 +410,42 @@ def test_streams_leave_no_cycles_holding_their_buffers(hybrid64, tiny_teacher, m
         gc.enable()
 
 
+def test_overlapped_encoding_starts_once_both_steps_are_captured(hybrid64, tiny_teacher, monkeypatch):
+    """overlap_encoder's ordering, short of CUDA (a stand-in for the side stream that logs): frames go to the side
+    stream only once the encoder and the prefill are captured, and each frame's embeddings are marked read after
+    they are copied into the prefill's inputs and before its graph replays (CUDA: tests below)."""
+    processor, stream = tiny_teacher[1], frames(5)
+    captured, eager, _ = captured_and_eager(hybrid64, processor, monkeypatch)
+    log = []
+
+    class SideStream:
+        read = type("Event", (), {"record": lambda self: log.append("read")})()
+
+        def encode(self, encoder, frame):
+            log.append("side")
+            return encoder(frame)
+
+    captured.overlap, captured.encoder.graph = SideStream(), "captured"  # as on CUDA after the first frame
+    for name in ("load", "replay"):
+        real = getattr(stream_state.CapturedPrefill, name)
+        monkeypatch.setattr(
+            stream_state.CapturedPrefill,
+            name,
+            lambda self, *a, real=real, name=name: log.append(name) or real(self, *a),
+        )
+    for index, frame in enumerate(stream):
+        log.append(f"frame {index}")
+        captured.add_frame(frame)
+        eager.add_frame(frame)
+    # frame 0 prefills eagerly, frame 1 is encoded before the prefill is captured (then replayed), then each
+    # frame: side stream, load, read, replay
+    assert log[: log.index("frame 2")] == ["frame 0", "read", "frame 1", "load", "read", "replay"]
+    assert log[log.index("frame 2") :] == [
+        item for i in (2, 3, 4) for item in (f"frame {i}", "side", "load", "read", "replay")
+    ]
+    assert_same_states(captured.state.cache, eager.state.cache, exact=True)
+
+
 @pytest.mark.slow
 def test_compiled_captured_prefill_equals_eager(hybrid64, tiny_teacher, monkeypatch):
     """The captured prefill with its forward through torch.compile (traced on the warm-ups over the stream's own
@@ -444,6 +482,33 @@ def test_cuda_graphs_equal_eager(tiny_hybrid, tiny_teacher):
     assert graphed.encoder.graph is not None and graphed.prefill_graph is not None
     assert graphed.ask_ids(QUESTION, 6) == eager.ask_ids(QUESTION, 6)
     assert memory[20] == memory[40]
+
+
+@needs_cuda("CUDA streams need a GPU")
+def test_overlapped_encoder_streams_like_one_stream(tiny_hybrid, tiny_teacher):
+    """overlap_encoder: each frame encoded on a second stream beside the previous frame's prefill, host frames
+    and frames already on the GPU (the second written by the current stream just before), no synchronisation
+    between frames: the same states, logits and answer as one stream, frame for frame."""
+    model = copy.deepcopy(tiny_hybrid).cuda()
+    processor, stream = tiny_teacher[1], frames(24)
+    overlapped = StreamingSession(model, processor, frame_size=56, overlap_encoder=True)
+    single = StreamingSession(model, processor, frame_size=56)
+    buffer = torch.empty((56, 56, 3), dtype=torch.uint8, device="cuda")
+    for index, frame in enumerate(stream, start=1):
+        if index % 2:
+            buffer.copy_(torch.from_numpy(frame).pin_memory(), non_blocking=True)  # queued, not waited for
+            overlapped.add_frame(buffer)
+            single.add_frame(buffer)
+        else:
+            overlapped.add_frame(frame)
+            single.add_frame(frame)
+        if index in (4, 24):
+            torch.testing.assert_close(
+                overlapped.next_token_logits(), single.next_token_logits(), rtol=1e-4, atol=1e-4
+            )
+            assert_close_states(overlapped, single)
+    assert overlapped.overlap.ready.query() and overlapped.prefill_graph is not None
+    assert overlapped.ask_ids(QUESTION, 6) == single.ask_ids(QUESTION, 6)
 
 
 def assert_close_states(first: StreamingSession, second: StreamingSession) -> None:
@@ -535,6 +600,7 @@ def test_stream_cli_answers_at_the_given_times(saved_hybrid, video, capsys):
             "--compile compiles",
         ),
         ({"extra": ["--compile-mode", "reduce-overhead"]}, "invalid choice: 'reduce-overhead'"),
+        ({"extra": ["--overlap-encoder"], "--device": "cpu"}, "--overlap-encoder overlaps"),
     ],
 )
 def test_stream_cli_rejects_bad_input_before_loading(

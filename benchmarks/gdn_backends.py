@@ -103,6 +103,14 @@ def time_backend(tensors: dict, grad_out: torch.Tensor, args) -> tuple[dict, dic
     }
 
 
+def errors(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> dict[str, float]:
+    """Each output's relative RMS error against the reference's, by name (`NAMES`, as many as were returned)."""
+    return {
+        name: relative_rms(expected, value)
+        for name, value, expected in zip(NAMES, outputs, reference, strict=False)
+    }
+
+
 def measure(args, report: dict, device: torch.device, save) -> None:
     dispatched = Dispatched()
     logging.getLogger("fla").addHandler(dispatched)
@@ -123,10 +131,7 @@ def measure(args, report: dict, device: torch.device, save) -> None:
             result["dispatched_to"] = routes[backend]
             if reference:
                 for kind in ("prefill", "train"):
-                    result[f"{kind}_error"] = {
-                        name: relative_rms(expected, value)
-                        for name, value, expected in zip(NAMES, outputs[kind], reference[kind], strict=False)
-                    }
+                    result[f"{kind}_error"] = errors(reference[kind], outputs[kind])
             else:
                 reference = outputs
             report["runs"].setdefault(backend, {})[str(length)] = result
@@ -147,10 +152,7 @@ def measure(args, report: dict, device: torch.device, save) -> None:
                 if reference is None:
                     reference = outputs
                 else:
-                    results[mode]["error"] = {
-                        name: relative_rms(expected, value)
-                        for name, value, expected in zip(NAMES, outputs, reference, strict=False)
-                    }
+                    results[mode]["error"] = errors(reference, outputs)
         results["recurrent_over_chunk_time"] = (
             results["recurrent"]["prefill_ms"] / results["chunk"]["prefill_ms"]
         )

@@ -362,6 +362,11 @@ def worst_state_errors(cache, reference_cache) -> dict[str, float]:
     return errors
 
 
+def check_key(variant: str) -> str:
+    """Where the report keeps a hybrid variant's one-shot check ("one_shot_check" for `hybrid`, as before)."""
+    return "one_shot_check" if variant == "hybrid" else f"one_shot_check_{variant}"
+
+
 def run_variant(args, report: dict, variant: str, device: torch.device, dtype: torch.dtype, save) -> None:
     hybrid, overlap = variant != "stock", variant == "hybrid_overlapped"
     print(f"building the {variant} model ...", flush=True)
@@ -369,7 +374,7 @@ def run_variant(args, report: dict, variant: str, device: torch.device, dtype: t
     if hybrid and args.check_frames:
         print(f"checking {args.check_frames} streamed frames against one forward over them ...", flush=True)
         check = check_one_shot(args, model, device, overlap)
-        report["one_shot_check" if variant == "hybrid" else f"one_shot_check_{variant}"] = check
+        report[check_key(variant)] = check
         save()
         print(json.dumps(check), flush=True)
         worst = max(check["logits_rel_rms"], *check["state_rel_rms"].values())
@@ -471,7 +476,7 @@ def markdown(report: dict) -> str:
         head += f"; measured bf16 matmul rate {report['matmul_tflops']:.0f} TFLOP/s"
     sections = [markdown_variant(variant, result) for variant, result in report["variants"].items()]
     for variant in reversed(VARIANTS[:2]):
-        check = report.get("one_shot_check" if variant == "hybrid" else f"one_shot_check_{variant}")
+        check = report.get(check_key(variant))
         if check:
             states = ", ".join(f"{key} {error:.2e}" for key, error in check["state_rel_rms"].items())
             sections.insert(

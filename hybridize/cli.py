@@ -506,12 +506,13 @@ def run_stream(args: argparse.Namespace) -> None:
     parse_dtype(args.dtype)
     check_device(args.device)
     args.compile = args.compile_mode or args.compile
-    if args.compile and (args.no_cuda_graphs or not str(args.device or "").startswith("cuda")):
+    cuda_graphs = str(args.device or "").startswith("cuda") and not args.no_cuda_graphs
+    if args.compile and not cuda_graphs:
         raise ValueError(
             "--compile compiles the CUDA-graph-captured frame steps: it needs --device cuda and no "
             "--no-cuda-graphs."
         )
-    if args.overlap_encoder and (args.no_cuda_graphs or not str(args.device or "").startswith("cuda")):
+    if args.overlap_encoder and not cuda_graphs:
         raise ValueError(
             "--overlap-encoder overlaps the CUDA-graph-captured frame steps on two streams: it needs --device "
             "cuda and no --no-cuda-graphs."

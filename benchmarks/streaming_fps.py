@@ -215,9 +215,14 @@ def profile_frames(args, session: StreamingSession, device: torch.device) -> dic
     per frame and their milliseconds by kind): what a frame costs in the ViT and what in the prefill."""
     pool = frame_pool(args.frame_size, device)
     frames = itertools.cycle(pool)
+
+    @torch.inference_mode()  # as in add_frame: the captured encoder's input buffer is an inference tensor
+    def encode():
+        session.encoder(pool[0])
+
     return {
         "frame": profile_steps(lambda: session.add_frame(next(frames)), args.profile),
-        "vision": profile_steps(lambda: session.encoder(pool[0]), args.profile),
+        "vision": profile_steps(encode, args.profile),
     }
 
 

@@ -203,8 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stream.add_argument(
         "--overlap-encoder",
-        action="store_true",
-        help="encode each frame on a second CUDA stream, beside the previous frame's prefill (CUDA graphs)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="encode each frame on a second CUDA stream, beside the previous frame's prefill (default: with "
+        "CUDA graphs, i.e. on --device cuda without --no-cuda-graphs; the frames' results are the same)",
     )
     return parser
 

@@ -149,9 +149,11 @@ def test_streaming_fps_streams_both_models(tmp_path, monkeypatch, capsys):
     assert "against the same in float64" in out.with_suffix(".md").read_text()
     assert "| 10-14 |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").is_file()
     assert "One-shot check (hybrid)" in out.with_suffix(".md").read_text()
-    with pytest.raises(SystemExit):  # two CUDA streams: refused on the CPU before any model is built
-        benchmark_script("streaming_fps", monkeypatch).parse_args([*argv, "--variants", "hybrid_overlapped"])
-    assert "hybrid_overlapped overlaps CUDA graphs on two streams" in capsys.readouterr().err
+    assert hybrid["overlap_encoder"] is False  # no CUDA graphs on the CPU: one stream
+    # the one-stream variant only differs with CUDA graphs: refused on the CPU
+    with pytest.raises(SystemExit):
+        benchmark_script("streaming_fps", monkeypatch).parse_args([*argv, "--variants", "hybrid_one_stream"])
+    assert "hybrid_one_stream is hybrid without its second CUDA stream" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

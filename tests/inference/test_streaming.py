@@ -246,6 +246,8 @@ def test_static_decode_answers_like_the_dynamic_branch(hybrid64, tiny_teacher):
         StreamingSession(hybrid64, processor, cuda_graphs=False, compile=True)
     with pytest.raises(ValueError, match="overlap_encoder=True encodes frames on a second CUDA stream"):
         StreamingSession(hybrid64, processor, cuda_graphs=False, overlap_encoder=True)
+    # overlap_encoder's default: with the graphs
+    assert StreamingSession(hybrid64, processor, cuda_graphs=False).overlap is None
     with pytest.raises(
         ValueError, match="compile='reduce-overhead': give True, False or a torch.compile mode"
     ):
@@ -480,6 +482,8 @@ def test_cuda_graphs_equal_eager(tiny_hybrid, tiny_teacher):
             )
             assert_close_states(graphed, eager)
     assert graphed.encoder.graph is not None and graphed.prefill_graph is not None
+    # by default, the ViT's own stream with the graphs
+    assert graphed.overlap is not None and eager.overlap is None
     assert graphed.ask_ids(QUESTION, 6) == eager.ask_ids(QUESTION, 6)
     assert memory[20] == memory[40]
 
@@ -492,7 +496,7 @@ def test_overlapped_encoder_streams_like_one_stream(tiny_hybrid, tiny_teacher):
     model = copy.deepcopy(tiny_hybrid).cuda()
     processor, stream = tiny_teacher[1], frames(24)
     overlapped = StreamingSession(model, processor, frame_size=56, overlap_encoder=True)
-    single = StreamingSession(model, processor, frame_size=56)
+    single = StreamingSession(model, processor, frame_size=56, overlap_encoder=False)
     buffer = torch.empty((56, 56, 3), dtype=torch.uint8, device="cuda")
     for index, frame in enumerate(stream, start=1):
         if index % 2:
@@ -578,7 +582,7 @@ def test_stream_cli_answers_at_the_given_times(saved_hybrid, video, capsys):
     assert main([*base, "--ask", "What colour?", "--at", "0:01", "--ask", "Anything else?", "--at", "3"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert lines == ["[1.0s, 3 frames] What colour?", "[3.0s, 6 frames] Anything else?"]
-    assert main([*base, "--ask", "Anything else?"]) == 0  # no --at: asked at the end
+    assert main([*base, "--ask", "Anything else?", "--no-overlap-encoder"]) == 0  # no --at: asked at the end
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")] == [
         "[3.0s, 6 frames] Anything else?"
     ]

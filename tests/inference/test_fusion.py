@@ -35,10 +35,10 @@ def test_fused_model_computes_the_same(llama_hybrid):
     expected = logits(model, ids)
     names = list(model.state_dict())
     counts = fuse_projections(model)
-    assert counts == {"mixers": 2, "mlps": 3}
+    assert counts == {"mixers": 2, "mlps": 3, "patch_convs": 0}
     assert relative_rms(expected, logits(model, ids)) < 1e-12
     assert list(model.state_dict()) == names  # checkpoint names unchanged
-    assert fuse_projections(model) == {"mixers": 0, "mlps": 0}  # idempotent
+    assert fuse_projections(model) == {"mixers": 0, "mlps": 0, "patch_convs": 0}  # idempotent
 
 
 def test_fused_projection_is_one_product_over_shared_storage(llama_hybrid):
@@ -51,9 +51,8 @@ def test_fused_projection_is_one_product_over_shared_storage(llama_hybrid):
     for name in mixer.input_projections:
         mixer.get_submodule(name).register_forward_hook(lambda *args: calls.append(1))
     with torch.no_grad():
-        mixer.k_proj.weight.mul_(
-            2.0
-        )  # in-place updates (optimiser steps, load_state_dict) reach the fused weight
+        # in-place updates (optimiser steps, load_state_dict) reach the fused weight
+        mixer.k_proj.weight.mul_(2.0)
         hidden = torch.randn(1, 3, mixer.spec.hidden_size, dtype=torch.float64)
         outputs = mixer.project_inputs(hidden)
         assert not calls  # one fused product, no separate layer ran
@@ -73,7 +72,7 @@ def test_new_storage_falls_back_and_fuses_again(llama_hybrid):
     mixer = next(m for m in model.modules() if isinstance(m, GatedDeltaNetMixer))
     assert not mixer.fused_input_projection.current()
     expected = logits(model, ids)  # runs (the layers apart) instead of mixing dtypes or stale weights
-    assert fuse_projections(model) == {"mixers": 2, "mlps": 3}
+    assert fuse_projections(model) == {"mixers": 2, "mlps": 3, "patch_convs": 0}
     assert mixer.fused_input_projection.weight.dtype == torch.float32
     assert relative_rms(expected, logits(model, ids)) < 1e-6
 
@@ -89,7 +88,7 @@ def test_unfusing_gives_the_model_back(llama_hybrid):
     mixer = next(m for m in model.modules() if isinstance(m, GatedDeltaNetMixer))
     fused = mixer.fused_input_projection
     mlp = next(m for m in model.modules() if hasattr(m, "fused_gate_up"))
-    assert unfuse_projections(model) == {"mixers": 2, "mlps": 3}
+    assert unfuse_projections(model) == {"mixers": 2, "mlps": 3, "patch_convs": 0}
     assert mixer.fused_input_projection is None and "forward" not in vars(mlp)
     assert not hasattr(mlp, "fused_gate_up")
     assert all(p is parameters[name] for name, p in model.named_parameters())  # the same Parameter objects
@@ -99,10 +98,10 @@ def test_unfusing_gives_the_model_back(llama_hybrid):
     with torch.no_grad():
         mixer.q_proj.weight.sub_(1.0)
     assert torch.equal(logits(model, ids), expected)
-    assert unfuse_projections(model) == {"mixers": 0, "mlps": 0}  # idempotent
+    assert unfuse_projections(model) == {"mixers": 0, "mlps": 0, "patch_convs": 0}  # idempotent
     mlp.compile()  # as a streaming session compiles vision blocks in place (compiled lazily: nothing runs here)
     fuse_projections(model)
-    assert restore_model(model) == {"mixers": 2, "mlps": 3, "compiled": 1}
+    assert restore_model(model) == {"mixers": 2, "mlps": 3, "patch_convs": 0, "compiled": 1}
     assert mlp._compiled_call_impl is None
 
 
@@ -134,7 +133,7 @@ def test_mlp_of_another_formula_is_left_alone():
     mlp = SwappedMLP()
     x = torch.randn(3, 8)
     expected = mlp(x)
-    assert fuse_projections(mlp) == {"mixers": 0, "mlps": 0}
+    assert fuse_projections(mlp) == {"mixers": 0, "mlps": 0, "patch_convs": 0}
     assert torch.equal(mlp(x), expected)
 
 
@@ -159,8 +158,38 @@ def test_misaligned_down_projection_runs_padded():
     mlp = LlamaMLP(config).double().eval()
     x = torch.randn(2, 5, config.hidden_size, dtype=torch.float64)
     expected = mlp(x)
-    assert fuse_projections(mlp) == {"mixers": 0, "mlps": 1}
+    assert fuse_projections(mlp) == {"mixers": 0, "mlps": 1, "patch_convs": 0}
     aligned = mlp.aligned_down_proj
     assert aligned.weight.shape[1] == 16 and mlp.down_proj.weight.data_ptr() == aligned.weight.data_ptr()
     with torch.no_grad():
         assert relative_rms(expected, mlp(x)) < 1e-12
+
+
+def test_patch_embedding_runs_as_one_product(tiny_teacher):
+    """Qwen2.5-VL's patch embedding (a Conv3d called on one 2x14x14 patch per row) runs as a matrix product over
+    the flattened patches: the same embeddings, no convolution; the convolution again with autograd on, for inputs
+    larger than one patch, and after unfusing."""
+    model = copy.deepcopy(tiny_teacher[0]).double()
+    embed = model.model.visual.patch_embed
+    conv = embed.proj
+    pixels = torch.randn(12, conv.in_channels * conv.weight[0, 0].numel(), dtype=torch.float64)
+    with torch.no_grad():
+        expected = embed(pixels)
+    assert fuse_projections(model)["patch_convs"] == 1
+    assert fuse_projections(model)["patch_convs"] == 0  # idempotent
+    real = conv._conv_forward
+    conv._conv_forward = lambda *args: pytest.fail("ran the convolution")
+    with torch.no_grad():
+        assert relative_rms(expected, embed(pixels)) < 1e-13
+    conv._conv_forward = real
+    assert embed(pixels).requires_grad  # autograd on: the convolution, gradients reach its weight
+    larger = torch.randn(1, conv.in_channels, *(2 * size for size in conv.kernel_size), dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(conv(larger), conv._conv_forward(larger, conv.weight, conv.bias))
+    assert unfuse_projections(model)["patch_convs"] == 1 and "forward" not in vars(conv)
+    for other in (
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Conv2d(4, 4, 3, groups=2),
+        nn.Conv2d(3, 4, 3, dilation=2),
+    ):
+        assert fuse_projections(other)["patch_convs"] == 0  # not a product over the flattened patch

@@ -218,6 +218,28 @@ def test_fla_kernels_without_gradients_compile_whole_and_match_the_reference(mod
             assert relative_rms(expected, out) < 0.005 and relative_rms(expected_state, final) < 0.005
 
 
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+def test_fla_operator_gets_contiguous_inputs(mode, monkeypatch):
+    """The mixer's q, k, v are views of one convolution's output: they reach fla's operator contiguous (under
+    torch.compile, written so by the kernels that compute them, rather than copied by fla in launches of its own)."""
+    ops = importlib.import_module("hybridize.mixers.ops.gated_delta_rule")  # the module, not its function
+    seen = []
+
+    def operator(q, k, v, g, beta, *args, **kwargs):
+        seen.extend(t.is_contiguous() for t in (q, k, v, g, beta))
+        return torch.zeros_like(v), v.new_zeros(v.shape[0], v.shape[2], k.shape[-1], v.shape[-1])
+
+    monkeypatch.setattr(ops, "resolve_backend", lambda *args: "fla")
+    monkeypatch.setattr(ops, "fla_gated_delta_rule", operator)
+    q, k, v, g, beta, _ = random_inputs(1, 5, 2, 8, 8)
+    qkv = torch.cat([q, k, v], dim=-1)  # one projection's output, split: strided views
+    a, b = torch.randn(2, 1, 5, 2).unbind(0)
+    with torch.no_grad():
+        gated_delta_rule(*qkv.split(8, dim=-1), g, beta, mode=mode)
+        gated_delta_rule(*qkv.split(8, dim=-1), a, b, mode=mode, gate_params=(torch.zeros(2), torch.zeros(2)))
+    assert len(seen) == 10 and all(seen)
+
+
 def test_auto_mode_runs_fla_recurrent_up_to_its_limit(monkeypatch):
     """ "auto": fla's fused recurrent kernel up to FLA_RECURRENT_MAX_TOKENS tokens without gradients, chunked above
     or with gradients; torch's recurrent form only for one token."""

@@ -229,11 +229,12 @@ def gated_delta_rule(
     if gate_params is not None and not in_kernel:
         g, beta = gated_delta_rule_gates(g, beta, *gate_params)
     if backend == "fla" and (mode == "recurrent" or not needs_grad):
+        # fla's kernels copy strided inputs (the mixer's q, k, v are views of one convolution's output) in
+        # launches of their own; made contiguous here, torch.compile writes them so in the kernels that make them
         out, state = fla_gated_delta_rule(
-            q,
-            k,
-            v,
-            # raw a, b: fla would copy views anyway; here torch.compile can fuse the copies
+            q.contiguous(),
+            k.contiguous(),
+            v.contiguous(),
             g.contiguous() if in_kernel else g.float(),
             beta.contiguous() if in_kernel else beta.to(q.dtype),
             k.shape[-1] ** -0.5 if scale is None else scale,

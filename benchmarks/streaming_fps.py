@@ -481,20 +481,22 @@ def markdown(report: dict) -> str:
     )
     if report.get("matmul_tflops"):
         head += f"; measured bf16 matmul rate {report['matmul_tflops']:.0f} TFLOP/s"
-    sections = [markdown_variant(variant, result) for variant, result in report["variants"].items()]
-    for variant in reversed(VARIANTS[:2]):
+    checks = []
+    # in the report's run order; a variant stopped between its check and its stream still shows its check, and a
+    # report written under other variant names (`--plot-only` of an older one) shows its own
+    for variant in dict.fromkeys([*report["variants"], *VARIANTS]):
         check = report.get(check_key(variant))
         if check:
             states = ", ".join(f"{key} {error:.2e}" for key, error in check["state_rel_rms"].items())
-            sections.insert(
-                0,
+            checks.append(
                 f"One-shot check ({variant}): {check['frames']} frames streamed one at a time (prefill graph "
                 f"used: {check['prefill_graph']}) against one forward over the same {check['tokens']} tokens, "
                 f"relative RMS error: logits {check['logits_rel_rms']:.2e} (same argmax: "
                 f"{check['same_argmax']}); worst layer per state: {states}."
-                + precision_text(check.get("precision_scale")),
+                + precision_text(check.get("precision_scale"))
             )
-    return "\n\n".join([head, *sections]) + "\n"
+    sections = [markdown_variant(variant, result) for variant, result in report["variants"].items()]
+    return "\n\n".join([head, *checks, *sections]) + "\n"
 
 
 def plot(report: dict, path: Path) -> bool:
